@@ -1,0 +1,45 @@
+"""python -m speeder_rt.eval --checkpoint CKPT [--split test|valid] [--full-catalog] [--out FILE.json]"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from speeder_rt.eval.metrics import format_table
+from speeder_rt.eval.protocol import evaluate
+from speeder_rt.utils.io import write_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m speeder_rt.eval", description="Evaluate a trained checkpoint.")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--split", default="test", choices=["test", "valid"])
+    parser.add_argument("--full-catalog", action="store_true", help="rank against every item instead of 20 candidates")
+    parser.add_argument("--out", help="metrics JSON (default: <checkpoint dir>/metrics_<split>.json)")
+    args = parser.parse_args(argv)
+    from speeder_rt.train.trainer import load_trained
+
+    try:
+        model, cfg, data, _, kind = load_trained(args.checkpoint)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if kind == "speeder":
+        metrics = evaluate(model, data, args.split, full_catalog=args.full_catalog)
+    else:
+        if args.full_catalog:
+            print("error: the text-item baseline generates titles; it has no full-catalog ranking", file=sys.stderr)
+            return 2
+        metrics = model.evaluate(data, args.split, limit=None)
+    mode = "full catalog" if args.full_catalog else f"{data.config.num_candidates} candidates"
+    print(f"{kind} on {args.split} ({mode}, {len(data.split(args.split))} users):")
+    columns = [c for c in ("VHR@1", "HR@1", "HR@5", "NDCG@10", "MRR", "valid_ratio") if c in metrics]
+    print(format_table({kind: metrics}, columns))
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"metrics_{args.split}.json")
+    write_json(out, {"checkpoint": str(args.checkpoint), "split": args.split, "mode": mode, "metrics": metrics})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

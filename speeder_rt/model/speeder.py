@@ -1,0 +1,227 @@
+"""The Speeder recommender: one MoME token per item, SPAE position cues, a scoring head over candidates.
+
+    tokens   = MoME(features of history and candidate items)                 (one token per item)
+    h_r     += P[r]  for the history item r positions from the end;  c += candidate_embedding
+    hidden   = decoder(inputs_embeds of the prompt layout, SPAE bias in every attention layer)
+    scores_k = Linear(hidden[PRED]) . token(candidate_k)                       (listwise CE over K)
+
+At inference the MoME weights are fixed, so ``item_token_table()`` precomputes every catalog item's token
+once and ``score(..., item_tokens=table)`` only gathers rows of it. The same head against the whole table
+gives full-catalog top-k.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speeder_rt.data.item_table import ItemTable
+from speeder_rt.data.sequences import PAD, Samples
+from speeder_rt.model import attention
+from speeder_rt.model.backbone import BackboneConfig, apply_lora, load_backbone
+from speeder_rt.model.mome import MixtureOfModalityExperts
+from speeder_rt.model.prompt import PromptLayout, TemplateConfig, assemble_inputs_embeds_reference, layout, template_ids
+
+
+@dataclass
+class SpeederConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    modalities: list[str] = field(default_factory=lambda: ["text", "collab", "image"])
+    d_expert: int = 256
+    max_history: int = 50  # recency table size; longer histories are refused
+    relative_bias: bool = True
+    attn_backend: str = "auto"  # auto: triton on CUDA, reference on CPU
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone, dict):
+            self.backbone = BackboneConfig(**self.backbone)
+        if isinstance(self.template, dict):
+            self.template = TemplateConfig(**self.template)
+        if self.attn_backend != "auto":
+            attention.implementation_name(self.attn_backend)
+        if self.attn_backend == "flash" and self.relative_bias:
+            raise ValueError("attn_backend='flash' has no relative bias: set relative_bias: false")
+        if len(set(self.modalities)) != len(self.modalities) or not self.modalities:
+            raise ValueError(f"modalities must be a non-empty list without repeats, got {self.modalities}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    if backend != "auto":
+        return backend
+    return "triton" if torch.device(device).type == "cuda" else "reference"
+
+
+class SpeederModel(nn.Module):
+    def __init__(self, cfg: SpeederConfig, table: ItemTable) -> None:
+        super().__init__()
+        missing = [m for m in cfg.modalities if m not in table.modalities]
+        if missing:
+            raise ValueError(f"modalities {missing} are not in the ItemTable (it has {table.modalities})")
+        self.cfg = cfg
+        self.num_items = len(table)
+        backend = resolve_backend(cfg.attn_backend, "cpu")
+        lm, tokenizer = load_backbone(cfg.backbone, attention.implementation_name(backend))
+        decoder = lm.get_decoder()
+        self.decoder = apply_lora(decoder, cfg.backbone.lora) if cfg.backbone.lora else decoder
+        hidden = lm.config.hidden_size
+        self.hidden_size = hidden
+        self.num_heads = lm.config.num_attention_heads
+        self.num_layers = lm.config.num_hidden_layers
+
+        dims = {m: table.width(m) for m in cfg.modalities}
+        self.mome = MixtureOfModalityExperts(dims, cfg.d_expert, hidden)
+        self.recency = nn.Embedding(cfg.max_history, hidden)
+        self.candidate_embedding = nn.Parameter(torch.zeros(hidden))
+        nn.init.normal_(self.recency.weight, std=0.02)
+        heads = torch.arange(1, self.num_heads + 1, dtype=torch.float32)
+        self.slopes = nn.Parameter((2.0 ** (-8.0 * heads / self.num_heads)).repeat(self.num_layers, 1))
+        self.head = nn.Linear(hidden, hidden)
+
+        for m in cfg.modalities:
+            self.register_buffer(f"features_{m}", table.features[m].clone())
+        self.register_buffer("available", torch.stack([table.available[m] for m in cfg.modalities], dim=1))
+        self.register_buffer("enabled", torch.ones(len(cfg.modalities), dtype=torch.bool))
+        ids = template_ids(cfg.template, tokenizer)
+        self.template_sizes = (len(ids["prefix"]), len(ids["middle"]), len(ids["suffix"]))
+        self.register_buffer("template", torch.tensor(ids["prefix"] + ids["middle"] + ids["suffix"] + ids["pred"]))
+        self.to(cfg.backbone.torch_dtype)
+        self.set_backend(backend)
+
+    # -- configuration -------------------------------------------------------------------------
+    def set_backend(self, backend: str) -> None:
+        """Switch every attention layer to ``backend`` (see ``speeder_rt.model.attention``)."""
+        name = attention.implementation_name(backend)
+        if backend == "flash" and self.cfg.relative_bias:
+            raise ValueError("attn_backend='flash' has no relative bias; this model uses relative_bias=True")
+        self.backend = backend
+        for module in self.decoder.modules():
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation"):
+                config._attn_implementation = name
+
+    def set_enabled_modalities(self, modalities: list[str]) -> None:
+        unknown = [m for m in modalities if m not in self.cfg.modalities]
+        if unknown:
+            raise ValueError(f"unknown modality {unknown[0]!r}; the model has {self.cfg.modalities}")
+        self.enabled.copy_(torch.tensor([m in modalities for m in self.cfg.modalities]))
+
+    # -- item tokens ---------------------------------------------------------------------------
+    def item_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """MoME tokens [*ids.shape, d_h] for item ids (PAD -> a zero token)."""
+        flat = ids.reshape(-1)
+        safe = flat.clamp(min=0)
+        feats = {m: getattr(self, f"features_{m}")[safe] for m in self.cfg.modalities}
+        active = self.available[safe] & self.enabled[None, :] & (flat >= 0)[:, None]
+        tokens, _ = self.mome(feats, active)
+        return tokens.reshape(*ids.shape, -1)
+
+    @torch.no_grad()
+    def item_token_table(self, chunk: int = 8192) -> torch.Tensor:
+        """[N_items, d_h]: every catalog item's token, computed once for inference."""
+        return torch.cat([self.item_tokens(torch.arange(a, min(a + chunk, self.num_items), device=self.available.device))
+                          for a in range(0, self.num_items, chunk)])
+
+    # -- forward -------------------------------------------------------------------------------
+    def prompt(self, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor,
+               item_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, PromptLayout, torch.Tensor]:
+        """(inputs_embeds [B, L, d], layout, candidate item tokens [B, K, d])."""
+        width = history.shape[1]
+        if width > self.cfg.max_history:
+            raise ValueError(f"history width {width} exceeds max_history={self.cfg.max_history}")
+        if item_tokens is None:
+            hist_tok, cand_tok = self.item_tokens(history), self.item_tokens(candidates)
+        else:
+            hist_tok = item_tokens[history.clamp(min=0)] * (history >= 0)[..., None].to(item_tokens.dtype)
+            cand_tok = item_tokens[candidates]
+        # recency r = n - j for 1-based history position j
+        pos = torch.arange(width, device=history.device)[None, :]
+        recency = (history_len[:, None] - 1 - pos).clamp(min=0)
+        hist_in = hist_tok + self.recency(recency) * (pos < history_len[:, None])[..., None].to(hist_tok.dtype)
+        cand_in = cand_tok + self.candidate_embedding
+        lay = layout(history_len, width, candidates.shape[1], self.template_sizes)
+        template_emb = self.decoder.get_input_embeddings()(self.template)
+        return assemble_inputs_embeds_reference(template_emb, hist_in, cand_in, lay), lay, cand_tok
+
+    def pred_state(self, inputs_embeds: torch.Tensor, lay: PromptLayout) -> torch.Tensor:
+        """The decoder's final hidden state at PRED, after the head: [B, d_h]."""
+        out = self.decoder(
+            inputs_embeds=inputs_embeds,
+            position_ids=torch.arange(lay.length, device=inputs_embeds.device)[None].expand(inputs_embeds.shape[0], -1),
+            spae_item_idx=lay.item_idx,
+            spae_token_mask=lay.token_mask,
+            spae_slopes=self.slopes if self.cfg.relative_bias else None,
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state
+        pred = hidden[torch.arange(hidden.shape[0], device=hidden.device), lay.pred_pos]
+        return self.head(pred)
+
+    def forward(self, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor,
+                item_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores [B, K] (float32) of each candidate; ``item_tokens``: a precomputed table (inference)."""
+        self._check_ids(history, history_len, candidates)
+        embeds, lay, cand_tok = self.prompt(history, history_len, candidates, item_tokens)
+        query = self.pred_state(embeds, lay)
+        return torch.einsum("bd,bkd->bk", query.float(), cand_tok.float())
+
+    def loss(self, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Listwise cross-entropy over the K candidates."""
+        return F.cross_entropy(self(history, history_len, candidates), label)
+
+    @torch.no_grad()
+    def topk(self, history: torch.Tensor, history_len: torch.Tensor, k: int, item_tokens: torch.Tensor,
+             exclude_history: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-catalog top-k: (item ids [B, k], scores [B, k]); the prompt carries no candidates."""
+        if k > self.num_items:
+            raise ValueError(f"k={k} exceeds the catalog size {self.num_items}")
+        empty = torch.zeros(history.shape[0], 0, dtype=torch.int64, device=history.device)
+        embeds, lay, _ = self.prompt(history, history_len, empty, item_tokens)
+        scores = self.pred_state(embeds, lay).float() @ item_tokens.float().T
+        if exclude_history:
+            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, history.clamp(min=0), history >= 0)
+            scores = scores.masked_fill(seen, float("-inf"))
+        top = scores.topk(k, dim=1)
+        return top.indices, top.values
+
+    def _check_ids(self, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor) -> None:
+        if history.ndim != 2 or candidates.ndim != 2 or history_len.shape != (history.shape[0],) or candidates.shape[0] != history.shape[0]:
+            raise ValueError(f"history [B, W], history_len [B], candidates [B, K] expected; got {list(history.shape)}, "
+                             f"{list(history_len.shape)}, {list(candidates.shape)}")
+        if candidates.numel() and (candidates.min() < 0 or candidates.max() >= self.num_items):
+            raise ValueError(f"candidate ids must be in 0..{self.num_items - 1}")
+        if history.numel() and history.max() >= self.num_items:
+            raise ValueError(f"history ids must be < {self.num_items}")
+
+    # -- evaluation protocol -------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, samples: Samples, candidates: torch.Tensor | None) -> torch.Tensor:
+        """The ``speeder_rt.eval.protocol.Scorer`` interface (uses the precomputed item-token table)."""
+        was_training = self.training
+        self.eval()
+        device = self.available.device
+        table = self.item_token_table()
+        history = torch.from_numpy(samples.history).to(device)
+        history_len = torch.from_numpy(samples.history_len).to(device)
+        if candidates is None:
+            empty = torch.zeros(len(samples), 0, dtype=torch.int64, device=device)
+            embeds, lay, _ = self.prompt(history, history_len, empty, table)
+            scores = self.pred_state(embeds, lay).float() @ table.float().T
+        else:
+            scores = self(history, history_len, candidates.to(device), item_tokens=table)
+        self.train(was_training)
+        return scores.cpu()
+
+
+def batch_tensors(samples: Samples, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """(history, history_len, candidates, label) tensors of a Samples batch on ``device``."""
+    to = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    return to(samples.history), to(samples.history_len), to(samples.candidates), to(samples.label)
+
+
+__all__ = ["PAD", "SpeederConfig", "SpeederModel", "batch_tensors", "resolve_backend"]

@@ -1,0 +1,72 @@
+"""Prepare a run's data: interactions -> sequences and the ItemTable with every requested modality.
+
+The table is cached in ``<out_dir>/items`` (atomically written); a later run or the eval CLI reuses it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from speeder_rt.data import ItemTable, SequenceData, SplitConfig, SyntheticConfig, build_sequences, generate_synthetic
+from speeder_rt.data.interactions import Interactions
+from speeder_rt.train.config import RunConfig
+
+
+def load_interactions(source: str, synthetic: dict | None = None) -> tuple[Interactions, ItemTable | None]:
+    """(interactions, a table with generated features for synthetic data or None)."""
+    if source == "synthetic":
+        return generate_synthetic(SyntheticConfig(**(synthetic or {})))
+    from speeder_rt.data import loaders
+
+    kind, _, arg = source.partition(":")
+    if kind == "movielens":
+        if not arg:
+            from speeder_rt.data.assets import movielens_100k
+
+            arg = str(movielens_100k())
+        return loaders.load_movielens(arg), None
+    if kind == "csv" and arg:
+        return loaders.load_csv(arg), None
+    if kind == "amazon" and arg:
+        reviews, _, meta = arg.partition(",")
+        return loaders.load_amazon_reviews(reviews, meta or None), None
+    raise ValueError(f"data.source: {source!r} is not one of synthetic, movielens[:DIR], csv:FILE, amazon:REVIEWS[,META]")
+
+
+def prepare(cfg: RunConfig, log=print) -> tuple[SequenceData, ItemTable]:
+    inter, table = load_interactions(cfg.data.source, cfg.data.synthetic)
+    split = SplitConfig(**{"seed": cfg.seed, **cfg.data.split})
+    data = build_sequences(inter, split)
+    cache = Path(cfg.out_dir) / "items"
+    recipe = {"data": dataclasses.asdict(cfg.data), "seed": cfg.seed}
+    if (cache / "items.json").is_file():
+        cached = ItemTable.load(cache)
+        if cached.meta.get("recipe") == recipe and set(cfg.model.modalities) <= set(cached.modalities):
+            return data, cached
+    if table is None:
+        table = ItemTable(inter.item_keys, titles=inter.titles, descriptions=inter.descriptions)
+    wants = set(cfg.model.modalities)
+    if "text" in wants and (cfg.data.text_features == "minilm" or (cfg.data.text_features == "auto" and "text" not in table.modalities)):
+        from speeder_rt.data.features import add_text_features
+
+        start = time.perf_counter()
+        add_text_features(table)
+        log(f"text features: MiniLM over {len(table)} items ({time.perf_counter() - start:.1f}s)")
+    if "image" in wants and cfg.data.image_features:
+        from speeder_rt.data.features import load_image_features
+
+        load_image_features(table, cfg.data.image_features)
+    if "collab" in wants and cfg.data.collab_features:
+        from speeder_rt.baselines.sasrec import SASRecConfig, add_collab_features, train_sasrec
+
+        sasrec = train_sasrec(data, SASRecConfig(**{"seed": cfg.seed, **cfg.data.sasrec}), log=lambda *_: None)
+        add_collab_features(table, sasrec)
+        log(f"collab features: SASRec item embeddings ({table.width('collab')}-d)")
+    missing = [m for m in cfg.model.modalities if m not in table.modalities]
+    if missing:
+        raise ValueError(f"model.modalities {missing} have no features: configure data.text_features / "
+                         f"data.image_features / data.collab_features, or drop them from model.modalities")
+    table.meta["recipe"] = recipe
+    table.save(cache)
+    return data, table

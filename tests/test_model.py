@@ -1,5 +1,6 @@
 """The Speeder reference model: MRC, prompt layout, SPAE bias, attention backends, MPO, training, CLIs."""
 import copy
+import os
 import math
 
 import numpy as np
@@ -263,3 +264,23 @@ def test_short_training_lifts_hr1_well_above_chance(tmp_path):
     trainer.run()
     hr1 = evaluate(trainer.model, data, "test")["HR@1"]
     assert hr1 > 3 * (1 / 20), hr1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1")
+def test_triton_backend_matches_reference(small):
+    data, table = small
+    model = make_model(table).eval()
+    with torch.no_grad():
+        model.slopes.uniform_(0.1, 1.0)
+    s = data.test.subset(slice(0, 3))
+    h, hl, c, label = batch_tensors(s, "cpu")
+    ref = model(h, hl, c)
+    ref_loss = model.loss(h, hl, c, label)
+    ref_loss.backward()
+    ref_grad = model.slopes.grad.clone()
+    model.zero_grad()
+    model.set_backend("triton")
+    torch.testing.assert_close(model(h, hl, c), ref, rtol=1e-3, atol=1e-3)
+    model.loss(h, hl, c, label).backward()
+    torch.testing.assert_close(model.slopes.grad, ref_grad, rtol=1e-3, atol=1e-4)

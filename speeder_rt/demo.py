@@ -1,56 +1,81 @@
-"""`make demo`: build the default data, train and evaluate the models, print one metrics table.
+"""`make demo`: build the data, train Speeder (all MPO stages), the text-item baseline and SASRec, evaluate
+them with popularity and random on the test split, and print one side-by-side table.
 
-``python -m speeder_rt.demo [--data synthetic|movielens|DIR|FILE.csv] [--epochs N]``
+``python -m speeder_rt.demo [--config configs/demo.yaml] [--data SOURCE] [--models speeder,text_baseline,...]``
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from speeder_rt.baselines.sasrec import SASRecConfig, train_sasrec
 from speeder_rt.baselines.simple import PopularityScorer, RandomScorer
-from speeder_rt.data import SplitConfig, build_sequences, generate_synthetic
-from speeder_rt.data.interactions import Interactions
 from speeder_rt.eval.metrics import format_table
 from speeder_rt.eval.protocol import evaluate
+from speeder_rt.train.config import load_run_config
+from speeder_rt.train.data import item_table, load_sequences
+from speeder_rt.train.trainer import Trainer
 
-COLUMNS = ["HR@1", "HR@5", "NDCG@10", "MRR", "train_s"]
+MODELS = ("speeder", "text_baseline", "sasrec", "popularity", "random")
+COLUMNS = ["VHR@1", "HR@1", "HR@5", "NDCG@10", "train_s", "infer_ms"]
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def load_interactions(spec: str) -> Interactions:
-    if spec == "synthetic":
-        return generate_synthetic()[0]
-    from speeder_rt.data import loaders
-
-    if spec == "movielens":
-        from speeder_rt.data.assets import movielens_100k
-
-        return loaders.load_movielens(movielens_100k())
-    if spec.endswith(".csv"):
-        return loaders.load_csv(spec)
-    return loaders.load_movielens(spec)
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(prog="python -m speeder_rt.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="synthetic", help="synthetic (default), movielens, a MovieLens dir or a CSV")
-    parser.add_argument("--epochs", type=int, default=SASRecConfig.epochs, help="SASRec epochs")
-    parser.add_argument("--history-len", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run configuration (default: configs/demo.yaml)")
+    parser.add_argument("--data", help="override data.source: synthetic, movielens[:DIR], csv:FILE, amazon:REVIEWS[,META]")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     args = parser.parse_args(argv)
-
-    inter = load_interactions(args.data)
-    data = build_sequences(inter, SplitConfig(history_len=args.history_len, seed=args.seed, short_users="drop"))
-    print(f"data: {inter.source}: {len(data.sequences)} users, {data.num_items} items, {len(inter)} interactions; "
-          f"{len(data.train)} train samples, {len(data.test)} test users, {data.config.num_candidates} candidates")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+    cfg = load_run_config(args.config)
+    if args.data:
+        cfg.data.source = args.data
+        cfg.out_dir = str(Path(cfg.out_dir).with_name(Path(cfg.out_dir).name + "_" + args.data.replace(":", "_").replace("/", "_")))
+    if "speeder" not in models:
+        cfg.model.modalities = []  # no item features needed
 
     rows: dict[str, dict[str, float]] = {}
-    start = time.perf_counter()
-    sasrec = train_sasrec(data, SASRecConfig(epochs=args.epochs, seed=args.seed))
-    rows["SASRec"] = {**evaluate(sasrec, data, "test"), "train_s": round(time.perf_counter() - start, 1)}
-    rows["popularity"] = {**evaluate(PopularityScorer(data), data, "test"), "train_s": 0.0}
-    rows["random"] = {**evaluate(RandomScorer(data.num_items, args.seed), data, "test"), "train_s": 0.0}
-    print(f"\ntest split, {data.config.num_candidates} candidates (LLaRA protocol):")
+    inter, synthetic_table, data = load_sequences(cfg)
+    sasrec = None
+    if "sasrec" in models or ("speeder" in models and "collab" in cfg.model.modalities and cfg.data.collab_features):
+        sasrec, secs = _timed(lambda: train_sasrec(data, SASRecConfig(**{"seed": cfg.seed, **cfg.data.sasrec})))
+        if "sasrec" in models:
+            metrics, infer = _timed(lambda: evaluate(sasrec, data, "test"))
+            rows["SASRec"] = {**metrics, "train_s": round(secs, 1), "infer_ms": 1000 * infer / len(data.test)}
+    table = item_table(cfg, inter, data, synthetic_table, sasrec=sasrec)
+    print(f"data: {cfg.data.source}: {len(data.sequences)} users, {data.num_items} items; {len(data.train)} training "
+          f"samples, {len(data.test)} test users, {data.config.num_candidates} candidates, history window "
+          f"{data.config.history_len}")
+
+    if "speeder" in models:
+        trainer = Trainer("speeder", cfg, data, table)
+        _, secs = _timed(trainer.run)
+        metrics, infer = _timed(lambda: evaluate(trainer.model, data, "test", batch_size=cfg.train.eval_batch_size))
+        rows["Speeder"] = {**metrics, "train_s": round(secs, 1), "infer_ms": 1000 * infer / len(data.test)}
+    if "text_baseline" in models:
+        trainer = Trainer("text_baseline", cfg, data, table)
+        _, secs = _timed(trainer.run)
+        limit = cfg.text_baseline.eval_limit
+        metrics, infer = _timed(lambda: trainer.model.evaluate(data, "test", limit=limit))
+        n = min(limit or len(data.test), len(data.test))
+        rows[f"text-item LLM ({n} users)"] = {**metrics, "train_s": round(secs, 1), "infer_ms": 1000 * infer / n}
+    if "popularity" in models:
+        rows["popularity"] = {**evaluate(PopularityScorer(data), data, "test"), "train_s": 0.0}
+    if "random" in models:
+        rows["random"] = {**evaluate(RandomScorer(data.num_items, cfg.seed), data, "test"), "train_s": 0.0}
+    print(f"\ntest split, {data.config.num_candidates} candidates (LLaRA protocol); infer_ms = wall time per "
+          "request, batched, on this machine:")
     print(format_table(rows, COLUMNS))
     return rows
 

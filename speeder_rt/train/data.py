@@ -35,15 +35,26 @@ def load_interactions(source: str, synthetic: dict | None = None) -> tuple[Inter
 
 
 def prepare(cfg: RunConfig, log=print) -> tuple[SequenceData, ItemTable]:
+    """Sequences and the ItemTable with every modality the model asks for."""
+    inter, table, data = load_sequences(cfg)
+    return data, item_table(cfg, inter, data, table, log=log)
+
+
+def load_sequences(cfg: RunConfig) -> tuple[Interactions, ItemTable | None, SequenceData]:
+    """(interactions, the synthetic source's table or None, sequences split by the run's protocol)."""
     inter, table = load_interactions(cfg.data.source, cfg.data.synthetic)
-    split = SplitConfig(**{"seed": cfg.seed, **cfg.data.split})
-    data = build_sequences(inter, split)
+    return inter, table, build_sequences(inter, SplitConfig(**{"seed": cfg.seed, **cfg.data.split}))
+
+
+def item_table(cfg: RunConfig, inter: Interactions, data: SequenceData, table: ItemTable | None = None,
+               sasrec=None, log=print) -> ItemTable:
+    """The run's ItemTable (cached in ``<out_dir>/items``); ``sasrec``: a trained SASRec for collab features."""
     cache = Path(cfg.out_dir) / "items"
     recipe = {"data": dataclasses.asdict(cfg.data), "seed": cfg.seed}
     if (cache / "items.json").is_file():
         cached = ItemTable.load(cache)
         if cached.meta.get("recipe") == recipe and set(cfg.model.modalities) <= set(cached.modalities):
-            return data, cached
+            return cached
     if table is None:
         table = ItemTable(inter.item_keys, titles=inter.titles, descriptions=inter.descriptions)
     wants = set(cfg.model.modalities)
@@ -60,7 +71,8 @@ def prepare(cfg: RunConfig, log=print) -> tuple[SequenceData, ItemTable]:
     if "collab" in wants and cfg.data.collab_features:
         from speeder_rt.baselines.sasrec import SASRecConfig, add_collab_features, train_sasrec
 
-        sasrec = train_sasrec(data, SASRecConfig(**{"seed": cfg.seed, **cfg.data.sasrec}), log=lambda *_: None)
+        if sasrec is None:
+            sasrec = train_sasrec(data, SASRecConfig(**{"seed": cfg.seed, **cfg.data.sasrec}), log=lambda *_: None)
         add_collab_features(table, sasrec)
         log(f"collab features: SASRec item embeddings ({table.width('collab')}-d)")
     missing = [m for m in cfg.model.modalities if m not in table.modalities]
@@ -69,4 +81,4 @@ def prepare(cfg: RunConfig, log=print) -> tuple[SequenceData, ItemTable]:
                          f"data.image_features / data.collab_features, or drop them from model.modalities")
     table.meta["recipe"] = recipe
     table.save(cache)
-    return data, table
+    return table

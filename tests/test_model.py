@@ -284,3 +284,15 @@ def test_triton_backend_matches_reference(small):
     torch.testing.assert_close(model(h, hl, c), ref, rtol=1e-3, atol=1e-3)
     model.loss(h, hl, c, label).backward()
     torch.testing.assert_close(model.slopes.grad, ref_grad, rtol=1e-3, atol=1e-4)
+
+
+def test_topk_excludes_every_history_item_in_padded_rows(small):
+    _, table = small
+    model = make_model(table).eval()
+    history = torch.tensor([[0, 5, -1, -1], [7, 0, 3, -1]])
+    history_len = torch.tensor([2, 3])
+    k = model.num_items - 3
+    ids, scores = model.topk(history, history_len, k, model.item_token_table())
+    assert not {0, 5} & set(ids[0].tolist())
+    assert not {7, 0, 3} & set(ids[1].tolist())
+    assert torch.isfinite(scores).all()

@@ -184,7 +184,8 @@ class SpeederModel(nn.Module):
         embeds, lay, _ = self.prompt(history, history_len, empty, item_tokens)
         scores = self.pred_state(embeds, lay).float() @ item_tokens.float().T
         if exclude_history:
-            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, history.clamp(min=0), history >= 0)
+            # padding entries point at the row's first item, which is excluded anyway
+            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, torch.where(history >= 0, history, history[:, :1]), True)
             scores = scores.masked_fill(seen, float("-inf"))
         top = scores.topk(k, dim=1)
         return top.indices, top.values

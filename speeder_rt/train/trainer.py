@@ -283,10 +283,14 @@ class Trainer:
 
 
 def load_trained(path: str | Path, kind: str | None = None, device: str | torch.device = "cpu"):
-    """(model with the checkpoint's weights, RunConfig, data, table) from a best.pt or last.pt."""
+    """(model with the checkpoint's weights, RunConfig, data, table, kind) from a best.pt or last.pt."""
+    return model_from_checkpoint(load_checkpoint(path, kind), path, device)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild an already loaded checkpoint's model (eval mode), with its config, data and item table."""
     from speeder_rt.train.data import prepare
 
-    ckpt = load_checkpoint(path, kind)
     cfg = run_config_from_dict(ckpt["config"], f"{path}: config")
     data, table = prepare(cfg, log=lambda *_: None)
     model = build_model(ckpt["kind"], cfg, table, torch.device(device))

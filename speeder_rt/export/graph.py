@@ -1,0 +1,302 @@
+"""The exportable Speeder graphs (ids in, scores out, everything else baked in) and their parity check.
+
+``ScoringGraph``: ``(history_ids int64 [B, n], history_mask bool [B, n], candidate_ids int64 [B, K])
+-> scores float32 [B, K]``. ``TopKGraph``: ``(history_ids, history_mask) -> (item_ids int64 [B, k],
+scores float32 [B, k])`` over the whole catalog with the history's items excluded; ``k`` is fixed at
+export time (a constant of the graph, so ONNX / TensorRT see a static TopK).
+
+``history_mask`` marks real items (True); they come first in each row and every row has at least one.
+``history_len = history_mask.sum(1)``; masked entries are ignored whatever their id (-1 is customary).
+The item-token table, recency and candidate embeddings, template token embeddings, SPAE slopes, head and
+the decoder (LoRA merged into its weights) are module state, so an exporter bakes them in. The graphs run
+the model's own ``prompt`` / ``pred_state`` on a slim module holding only what inference reads (no MoME,
+no item features, only the template rows of the vocabulary embedding).
+
+Parity: ``parity_cases`` draws valid random inputs over the export ranges; ``check_parity`` compares a
+``Runner`` (an exported artifact, loaded) against the PyTorch ``SpeederModel``. A case passes when
+``max |engine - reference| <= atol * max(1, max |reference|)``, i.e. ``atol`` is relative to the
+scores' magnitude (and absolute for scores below 1).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from speeder_rt.model.speeder import SpeederModel
+
+EXPORT_BACKENDS = ("sdpa", "reference")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def io_specs(topk_k: int) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Graph name -> inputs / outputs as {name, dtype, shape}; symbolic dims are named, the batch first."""
+    def spec(name: str, dtype: str, *shape: str | int) -> dict[str, Any]:
+        return {"name": name, "dtype": dtype, "shape": list(shape)}
+
+    history = [spec("history_ids", "int64", "batch", "history"), spec("history_mask", "bool", "batch", "history")]
+    specs = {"scores": {"inputs": history + [spec("candidate_ids", "int64", "batch", "candidates")],
+                        "outputs": [spec("scores", "float32", "batch", "candidates")]}}
+    if topk_k:
+        specs["topk"] = {"inputs": history, "outputs": [spec("item_ids", "int64", "batch", topk_k),
+                                                        spec("scores", "float32", "batch", topk_k)]}
+    return specs
+
+
+@dataclass
+class Ranges:
+    """Upper bounds of the dynamic dimensions; every lower bound is 1."""
+
+    max_batch: int = 64
+    max_history: int = 50
+    max_candidates: int = 100
+
+    def validate(self, model_max_history: int | None = None) -> None:
+        """ValueError naming the CLI flag for a bound < 1 or a history longer than the model allows."""
+        for name, value in asdict(self).items():
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if model_max_history is not None and self.max_history > model_max_history:
+            raise ValueError(f"--max-history {self.max_history} exceeds the model's max_history={model_max_history}")
+
+
+class Runner(Protocol):
+    """A loaded artifact: numpy in, numpy out (the shapes of ``ScoringGraph`` / ``TopKGraph``)."""
+
+    topk_k: int  # the exported k (0: no top-k graph)
+
+    def scores(self, history_ids: np.ndarray, history_mask: np.ndarray, candidate_ids: np.ndarray) -> np.ndarray: ...
+
+    def topk(self, history_ids: np.ndarray, history_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class _Slim(nn.Module):
+    """What ``SpeederModel.prompt`` / ``pred_state`` read at inference, item tokens precomputed."""
+
+    def __init__(self, model: SpeederModel, dtype: torch.dtype, backend: str) -> None:
+        super().__init__()
+        if backend not in EXPORT_BACKENDS:
+            raise ValueError(f"attention backend for export must be one of {list(EXPORT_BACKENDS)}, got {backend!r}")
+        decoder = copy.deepcopy(model.decoder)
+        if hasattr(decoder, "merge_and_unload"):  # a peft model: fold LoRA into the base weights
+            decoder = decoder.merge_and_unload()
+        with torch.no_grad():  # keep only the template's rows of the vocabulary embedding
+            rows = decoder.get_input_embeddings()(model.template).detach().clone()
+        decoder.set_input_embeddings(nn.Embedding.from_pretrained(rows, freeze=True))
+        self.register_buffer("template", torch.arange(len(rows), device=rows.device))
+        self.cfg = model.cfg
+        self.template_sizes = model.template_sizes
+        self.decoder = decoder
+        self.recency = copy.deepcopy(model.recency)
+        self.candidate_embedding = nn.Parameter(model.candidate_embedding.detach().clone())
+        self.slopes = nn.Parameter(model.slopes.detach().clone())
+        self.head = copy.deepcopy(model.head)
+        self.register_buffer("item_table", model.item_token_table().detach().clone())
+        self.to(dtype)
+        self.requires_grad_(False)
+        self.eval()
+        SpeederModel.set_backend(self, backend)
+
+    def query(self, history_ids: torch.Tensor, history_mask: torch.Tensor,
+              candidate_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(PRED query [B, d], candidate item tokens [B, K, d]), both float32."""
+        history = torch.where(history_mask, history_ids, -1)
+        embeds, lay, cand_tok = SpeederModel.prompt(self, history, history_mask.sum(1), candidate_ids, self.item_table)
+        return SpeederModel.pred_state(self, embeds, lay).float(), cand_tok.float()
+
+
+class ScoringGraph(nn.Module):
+    """Candidate scoring: ``forward(history_ids, history_mask, candidate_ids) -> scores [B, K]``."""
+
+    def __init__(self, model: SpeederModel, dtype: torch.dtype = torch.float32, backend: str = "sdpa") -> None:
+        super().__init__()
+        self.core = _Slim(model, dtype, backend)
+
+    def forward(self, history_ids: torch.Tensor, history_mask: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+        query, cand = self.core.query(history_ids, history_mask, candidate_ids)
+        return torch.einsum("bd,bkd->bk", query, cand)
+
+
+class TopKGraph(nn.Module):
+    """Full-catalog top-``k``: ``forward(history_ids, history_mask) -> (item_ids [B, k], scores [B, k])``."""
+
+    def __init__(self, model: SpeederModel, k: int, dtype: torch.dtype = torch.float32, backend: str = "sdpa") -> None:
+        super().__init__()
+        if not 1 <= k <= model.num_items:
+            raise ValueError(f"--topk must be in 0..{model.num_items} (the catalog size; 0 = no top-k graph), got {k}")
+        self.k = k
+        self.core = _Slim(model, dtype, backend)
+
+    def forward(self, history_ids: torch.Tensor, history_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        query, _ = self.core.query(history_ids, history_mask, history_ids[:, :0])
+        scores = query @ self.core.item_table.float().T
+        # Masked entries point at the row's first (always real) item, so every write is "seen" and
+        # duplicate indices cannot race (a plain scatter, no reduction: ONNX / TensorRT friendly).
+        seen_ids = torch.where(history_mask, history_ids, history_ids[:, :1])
+        seen = torch.zeros_like(scores, dtype=torch.bool).scatter(1, seen_ids, True)
+        top = scores.masked_fill(seen, float("-inf")).topk(self.k, dim=1)
+        return top.indices, top.values
+
+
+def example_inputs(num_items: int, topk: bool, device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:
+    """Tracing inputs of batch 2, width 2, 2 candidates (size 1 would be specialised), ragged lengths."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, num_items, (2, 2), generator=gen)
+    mask = torch.tensor([[True, True], [True, False]])
+    args = (ids, mask) if topk else (ids, mask, torch.randint(0, num_items, (2, 2), generator=gen))
+    return tuple(a.to(device) for a in args)
+
+
+def dynamic_shapes(ranges: Ranges, topk: bool) -> dict[str, dict[int, Any]]:
+    """torch.export ``dynamic_shapes`` within ``ranges``. Every dimension stays symbolic, whatever the
+    ranges: bounds below 3 are widened to 3 (the runtime enforces the real ones), because torch.export does
+    not unify the shared batch / history symbols of different inputs when the example size is the bound."""
+    def dim(name: str, top: int) -> Any:
+        return torch.export.Dim(name, min=1, max=max(3, top))
+
+    batch, hist = dim("batch", ranges.max_batch), dim("history", ranges.max_history)
+    shapes = {"history_ids": {0: batch, 1: hist}, "history_mask": {0: batch, 1: hist}}
+    if not topk:
+        shapes["candidate_ids"] = {0: batch, 1: dim("candidates", ranges.max_candidates)}
+    return shapes
+
+
+def export_program(graph: nn.Module, args: tuple[torch.Tensor, ...], ranges: Ranges, topk: bool) -> torch.export.ExportedProgram:
+    """``torch.export.export`` with the ranges' dynamic shapes.
+
+    Deferred runtime asserts: the symbolic solver cannot prove some trivially true guards of HF's
+    ``repeat_kv`` reshape (``min(16 L, 32 L) == 16 L``) and would reject the dynamic history dimension.
+    """
+    with torch.no_grad():
+        return torch.export.export(graph, args, dynamic_shapes=dynamic_shapes(ranges, topk), strict=False,
+                                   prefer_deferred_runtime_asserts_over_guards=True)
+
+
+# -- parity ------------------------------------------------------------------------------------
+@dataclass
+class ParityCase:
+    batch: int
+    history: int
+    candidates: int
+    history_lengths: list[int]
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    scale: float = 1.0
+    top1_agreement: float = 1.0
+    passed: bool = True
+
+
+@dataclass
+class ParityReport:
+    atol: float
+    rule: str = "max|engine - reference| <= atol * max(1, max|reference|), per case"
+    scores: list[ParityCase] = field(default_factory=list)
+    topk: list[ParityCase] = field(default_factory=list)
+    topk_k: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.scores + self.topk)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"passed": self.passed, "atol": self.atol, "rule": self.rule}
+        for name, cases in (("scores", self.scores), ("topk", self.topk)):
+            if cases:
+                out[name] = {"max_abs_error": max(c.max_abs_error for c in cases),
+                             "max_rel_error": max(c.max_rel_error for c in cases),
+                             "top1_agreement": float(np.mean([c.top1_agreement for c in cases])),
+                             "passed": all(c.passed for c in cases),
+                             **({"k": self.topk_k} if name == "topk" else {}),
+                             "cases": [asdict(c) for c in cases]}
+        return out
+
+    def table(self) -> str:
+        """Human-readable lines, one per case."""
+        lines = [f"parity ({self.rule}; atol={self.atol:g}):"]
+        for name, cases in (("scores", self.scores), ("topk", self.topk)):
+            for c in cases:
+                lines.append(f"  {name:6s} B={c.batch:<3d} n={c.history:<3d} K={c.candidates:<4d} max_abs={c.max_abs_error:.3e} "
+                             f"max_rel={c.max_rel_error:.3e} top1={c.top1_agreement:.2f} {'ok' if c.passed else 'FAIL'}")
+        return "\n".join(lines)
+
+
+def parity_shapes(ranges: Ranges) -> list[tuple[int, int, int]]:
+    """(batch, history width, candidates): the corners of the ranges and a ragged middle case."""
+    b, n, k = ranges.max_batch, ranges.max_history, ranges.max_candidates
+    shapes = [(1, 1, 1), (b, n, k), (min(b, 5), max(1, n // 2), max(1, k // 3)), (min(b, 3), n, 1), (1, n, k)]
+    return list(dict.fromkeys(shapes))
+
+
+def parity_cases(num_items: int, ranges: Ranges, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Random valid (history_ids with -1 padding, history_mask, candidate_ids) for ``parity_shapes``."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for b, n, k in parity_shapes(ranges):
+        lengths = rng.integers(1, n + 1, size=b)
+        lengths[0] = n
+        mask = np.arange(n)[None, :] < lengths[:, None]
+        ids = np.where(mask, rng.integers(0, num_items, size=(b, n)), -1)
+        cases.append((ids.astype(np.int64), mask, rng.integers(0, num_items, size=(b, k)).astype(np.int64)))
+    return cases
+
+
+def _compare(case: ParityCase, got: np.ndarray, want: np.ndarray, atol: float) -> None:
+    finite = np.isfinite(want)
+    if not np.array_equal(finite, np.isfinite(got)):
+        case.max_abs_error = case.max_rel_error = math.inf
+    elif finite.any():
+        err = np.abs(got[finite].astype(np.float64) - want[finite])
+        case.scale = float(max(1.0, np.abs(want[finite]).max()))
+        case.max_abs_error = float(err.max())
+        case.max_rel_error = case.max_abs_error / case.scale
+    case.passed = case.max_rel_error <= atol
+
+
+@torch.no_grad()
+def check_parity(runner: Runner, model: SpeederModel, ranges: Ranges, atol: float, seed: int = 0) -> ParityReport:
+    """Compare ``runner`` with the PyTorch model (its own dtype and attention backend) on ``parity_cases``."""
+    model.eval()
+    device = model.available.device
+    table = model.item_token_table()
+    report = ParityReport(atol=atol, topk_k=runner.topk_k)
+    for ids, mask, cands in parity_cases(model.num_items, ranges, seed):
+        history = torch.from_numpy(ids).to(device)
+        history_len = torch.from_numpy(mask.sum(1)).to(device)
+        shape = dict(batch=ids.shape[0], history=ids.shape[1], history_lengths=mask.sum(1).tolist())
+        want = model(history, history_len, torch.from_numpy(cands).to(device), item_tokens=table).double().cpu().numpy()
+        got = runner.scores(ids, mask, cands)
+        case = ParityCase(candidates=cands.shape[1], **shape)
+        _compare(case, got, want, atol)
+        case.top1_agreement = float((got.argmax(1) == want.argmax(1)).mean())
+        report.scores.append(case)
+        if runner.topk_k:
+            report.topk.append(_check_topk(runner, model, table, history, history_len, ids, mask, atol, shape))
+    return report
+
+
+def _check_topk(runner: Runner, model: SpeederModel, table: torch.Tensor, history: torch.Tensor, history_len: torch.Tensor,
+                ids: np.ndarray, mask: np.ndarray, atol: float, shape: dict[str, Any]) -> ParityCase:
+    """Top-k values against the reference's, and the reference's scores of the returned ids against the
+    returned scores (tie-robust: equal-score items may come back in either order)."""
+    embeds, lay, _ = model.prompt(history, history_len, history[:, :0], table)
+    full = (model.pred_state(embeds, lay).float() @ table.float().T).double().cpu().numpy()
+    rows = np.arange(len(ids))[:, None]
+    full[np.broadcast_to(rows, ids.shape)[mask], ids[mask]] = -np.inf
+    k = runner.topk_k
+    want_ids = np.argsort(-full, axis=1, kind="stable")[:, :k]
+    got_ids, got = runner.topk(ids, mask)
+    case = ParityCase(candidates=k, **shape)
+    _compare(case, got, full[rows, want_ids], atol)
+    consistent = ParityCase(candidates=k, **shape)
+    in_range = (got_ids >= 0).all() and (got_ids < model.num_items).all()
+    _compare(consistent, got, full[rows, got_ids] if in_range else np.full(got.shape, np.nan), atol)
+    case.max_abs_error = max(case.max_abs_error, consistent.max_abs_error)
+    case.max_rel_error = max(case.max_rel_error, consistent.max_rel_error)
+    case.passed = case.passed and consistent.passed
+    case.top1_agreement = float((got_ids[:, 0] == want_ids[:, 0]).mean())
+    return case

@@ -279,11 +279,17 @@ def test_triton_backend_matches_reference(small):
     ref_loss = model.loss(h, hl, c, label)
     ref_loss.backward()
     ref_grad = model.slopes.grad.clone()
+    ref_fc1 = model.mome.experts["text"].fc1.weight.grad.clone()
     model.zero_grad()
     model.set_backend("triton")
     torch.testing.assert_close(model(h, hl, c), ref, rtol=1e-3, atol=1e-3)
     model.loss(h, hl, c, label).backward()
     torch.testing.assert_close(model.slopes.grad, ref_grad, rtol=1e-3, atol=1e-4)
+    # the MoME weights get their gradients through item_token_projection
+    torch.testing.assert_close(model.mome.experts["text"].fc1.weight.grad, ref_fc1, rtol=1e-3, atol=1e-4)
+    # inference from the item-token table goes through assemble_inputs_embeds
+    with torch.no_grad():
+        torch.testing.assert_close(model(h, hl, c, item_tokens=model.item_token_table()), ref, rtol=1e-3, atol=1e-3)
 
 
 def test_topk_excludes_every_history_item_in_padded_rows(small):

@@ -8,6 +8,10 @@
 At inference the MoME weights are fixed, so ``item_token_table()`` precomputes every catalog item's token
 once and ``score(..., item_tokens=table)`` only gathers rows of it. The same head against the whole table
 gives full-catalog top-k.
+
+With ``attn_backend="triton"`` the whole item path runs on the fused kernels too: MoME tokens through
+``item_token_projection`` (training) and the prompt through ``assemble_inputs_embeds`` (inference, one
+launch from the item-token table); the other backends use the PyTorch reference path.
 """
 from __future__ import annotations
 
@@ -112,9 +116,21 @@ class SpeederModel(nn.Module):
         self.enabled.copy_(torch.tensor([m in modalities for m in self.cfg.modalities]))
 
     # -- item tokens ---------------------------------------------------------------------------
+    @property
+    def fused_item_path(self) -> bool:
+        """The item path uses the Triton kernels exactly when attention does."""
+        return self.backend == "triton"
+
     def item_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """MoME tokens [*ids.shape, d_h] for item ids (PAD -> a zero token)."""
         flat = ids.reshape(-1)
+        if self.fused_item_path:
+            from speeder_rt.kernels import item_token_projection, mome_parameters
+
+            features = tuple(getattr(self, f"features_{m}") for m in self.cfg.modalities)
+            active = self.available & self.enabled[None, :]
+            tokens = item_token_projection(flat, features, active, *mome_parameters(self.mome), validate=False)
+            return tokens.reshape(*ids.shape, -1)
         safe = flat.clamp(min=0)
         feats = {m: getattr(self, f"features_{m}")[safe] for m in self.cfg.modalities}
         active = self.available[safe] & self.enabled[None, :] & (flat >= 0)[:, None]
@@ -134,6 +150,14 @@ class SpeederModel(nn.Module):
         width = history.shape[1]
         if width > self.cfg.max_history:
             raise ValueError(f"history width {width} exceeds max_history={self.cfg.max_history}")
+        lay = layout(history_len, width, candidates.shape[1], self.template_sizes)
+        if item_tokens is not None and self.fused_item_path:
+            from speeder_rt.kernels import assemble_inputs_embeds
+
+            embeds, _, _ = assemble_inputs_embeds(
+                item_tokens, history, history_len, candidates, self.recency.weight, self.candidate_embedding,
+                self.template, self.decoder.get_input_embeddings().weight, self.template_sizes, validate=False)
+            return embeds, lay, item_tokens[candidates]
         if item_tokens is None:
             hist_tok, cand_tok = self.item_tokens(history), self.item_tokens(candidates)
         else:
@@ -144,7 +168,6 @@ class SpeederModel(nn.Module):
         recency = (history_len[:, None] - 1 - pos).clamp(min=0)
         hist_in = hist_tok + self.recency(recency) * (pos < history_len[:, None])[..., None].to(hist_tok.dtype)
         cand_in = cand_tok + self.candidate_embedding
-        lay = layout(history_len, width, candidates.shape[1], self.template_sizes)
         template_emb = self.decoder.get_input_embeddings()(self.template)
         return assemble_inputs_embeds_reference(template_emb, hist_in, cand_in, lay), lay, cand_tok
 

@@ -3,7 +3,7 @@
     tokens   = MoME(features of history and candidate items)                 (one token per item)
     h_r     += P[r]  for the history item r positions from the end;  c += candidate_embedding
     hidden   = decoder(inputs_embeds of the prompt layout, SPAE bias in every attention layer)
-    scores_k = Linear(hidden[PRED]) . token(candidate_k)                       (listwise CE over K)
+    scores_k = Linear(hidden[PRED]) . token(candidate_k) / sqrt(d_h)           (listwise CE over K)
 
 At inference the MoME weights are fixed, so ``item_token_table()`` precomputes every catalog item's token
 once and ``score(..., item_tokens=table)`` only gathers rows of it. The same head against the whole table
@@ -172,7 +172,8 @@ class SpeederModel(nn.Module):
         return assemble_inputs_embeds_reference(template_emb, hist_in, cand_in, lay), lay, cand_tok
 
     def pred_state(self, inputs_embeds: torch.Tensor, lay: PromptLayout) -> torch.Tensor:
-        """The decoder's final hidden state at PRED, after the head: [B, d_h]."""
+        """The decoder's final hidden state at PRED through the head, scaled by d_h^-1/2 so that its dot
+        product with an item token is a well-conditioned logit at any hidden size: [B, d_h]."""
         out = self.decoder(
             inputs_embeds=inputs_embeds,
             position_ids=torch.arange(lay.length, device=inputs_embeds.device)[None].expand(inputs_embeds.shape[0], -1),
@@ -183,7 +184,7 @@ class SpeederModel(nn.Module):
         )
         hidden = out.last_hidden_state
         pred = hidden[torch.arange(hidden.shape[0], device=hidden.device), lay.pred_pos]
-        return self.head(pred)
+        return self.head(pred) * self.hidden_size**-0.5
 
     def forward(self, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor,
                 item_tokens: torch.Tensor | None = None) -> torch.Tensor:

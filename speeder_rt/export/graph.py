@@ -78,6 +78,8 @@ class Runner(Protocol):
 class _Slim(nn.Module):
     """What ``SpeederModel.prompt`` / ``pred_state`` read at inference, item tokens precomputed."""
 
+    fused_item_path = False  # export graphs use standard ops only (EXPORT_BACKENDS)
+
     def __init__(self, model: SpeederModel, dtype: torch.dtype, backend: str) -> None:
         super().__init__()
         if backend not in EXPORT_BACKENDS:
@@ -91,6 +93,7 @@ class _Slim(nn.Module):
         self.register_buffer("template", torch.arange(len(rows), device=rows.device))
         self.cfg = model.cfg
         self.template_sizes = model.template_sizes
+        self.hidden_size = model.hidden_size
         self.decoder = decoder
         self.recency = copy.deepcopy(model.recency)
         self.candidate_embedding = nn.Parameter(model.candidate_embedding.detach().clone())

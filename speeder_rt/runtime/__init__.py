@@ -1,6 +1,8 @@
-"""Serving: ``Recommender`` over an exported artifact (ONNX Runtime, AOTInductor, TensorRT) or a checkpoint, and
+"""Serving: ``Recommender`` over an exported artifact (ONNX Runtime, AOTInductor, TensorRT) or a checkpoint,
+``CppRecommender`` (the C++ runtime through its pybind11 binding; needs the built extension) and
 ``OptimizedSpeeder``, the in-process fast path (item-token table, fused kernels, shape buckets, CUDA graphs)."""
+from speeder_rt.runtime.cpp import CppRecommender
 from speeder_rt.runtime.optimized import OptimizedSpeeder
 from speeder_rt.runtime.recommender import Recommender, TorchRunner
 
-__all__ = ["OptimizedSpeeder", "Recommender", "TorchRunner"]
+__all__ = ["CppRecommender", "OptimizedSpeeder", "Recommender", "TorchRunner"]

@@ -1,0 +1,257 @@
+#include "speeder_rt/runtime.h"
+
+#include "json.h"
+
+#include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+
+namespace speeder_rt {
+namespace {
+
+namespace fs = std::filesystem;
+using Loader = torch::inductor::AOTIModelPackageLoader;
+using Rows = std::vector<const std::vector<int64_t>*>;
+
+constexpr int64_t kFormatVersion = 1;  // speeder_rt.export.FORMAT_VERSION
+
+std::string read_text(const fs::path& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) throw std::runtime_error(path.string() + ": cannot be read");
+  std::ostringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+// The checks and messages of speeder_rt.runtime.Recommender (Python).
+void check_ids(const std::vector<int64_t>& ids, int64_t num_items, const std::string& what) {
+  for (const int64_t id : ids) {
+    if (id < 0 || id >= num_items) {
+      throw std::invalid_argument(what + ": item ids must be in 0.." + std::to_string(num_items - 1));
+    }
+  }
+}
+
+void check_history(const std::vector<int64_t>& row, const std::string& what, const ExportInfo& info) {
+  if (row.empty()) throw std::invalid_argument(what + ": empty history (at least one item is needed)");
+  if (static_cast<int64_t>(row.size()) > info.max_history) {
+    throw std::invalid_argument(what + ": " + std::to_string(row.size()) + " items; this export takes at most " +
+                                std::to_string(info.max_history));
+  }
+  check_ids(row, info.num_items, what);
+}
+
+void check_histories(const IdRows& histories, const ExportInfo& info) {
+  if (histories.empty()) throw std::invalid_argument("history_ids: empty batch");
+  for (size_t i = 0; i < histories.size(); ++i) {
+    check_history(histories[i], "history_ids[" + std::to_string(i) + "]", info);
+  }
+}
+
+void check_candidate_count(size_t count, const std::string& prefix, const ExportInfo& info) {
+  if (count < 1 || static_cast<int64_t>(count) > info.max_candidates) {
+    throw std::invalid_argument(prefix + std::to_string(count) + " candidates per user; this export takes 1.." +
+                                std::to_string(info.max_candidates));
+  }
+}
+
+// (history_ids padded with -1 to the longest row, history_mask): the graphs' first two inputs.
+std::vector<at::Tensor> history_inputs(const Rows& rows) {
+  size_t width = 0;
+  for (const auto* row : rows) width = std::max(width, row->size());
+  const auto batch = static_cast<int64_t>(rows.size());
+  at::Tensor ids = at::empty({batch, static_cast<int64_t>(width)}, at::kLong);
+  at::Tensor mask = at::empty({batch, static_cast<int64_t>(width)}, at::kBool);
+  int64_t* ids_p = ids.mutable_data_ptr<int64_t>();
+  bool* mask_p = mask.mutable_data_ptr<bool>();
+  for (size_t b = 0; b < rows.size(); ++b) {
+    const auto& row = *rows[b];
+    std::copy(row.begin(), row.end(), ids_p + b * width);
+    std::fill(ids_p + b * width + row.size(), ids_p + (b + 1) * width, -1);
+    std::fill(mask_p + b * width, mask_p + b * width + row.size(), true);
+    std::fill(mask_p + b * width + row.size(), mask_p + (b + 1) * width, false);
+  }
+  return {ids, mask};
+}
+
+at::Tensor candidate_input(const Rows& rows) {
+  const size_t count = rows.front()->size();
+  at::Tensor ids = at::empty({static_cast<int64_t>(rows.size()), static_cast<int64_t>(count)}, at::kLong);
+  int64_t* p = ids.mutable_data_ptr<int64_t>();
+  for (size_t b = 0; b < rows.size(); ++b) std::copy(rows[b]->begin(), rows[b]->end(), p + b * count);
+  return ids;
+}
+
+template <typename T>
+std::vector<T> row_of(const at::Tensor& matrix, int64_t row, int64_t width) {
+  const T* p = matrix.const_data_ptr<T>() + row * matrix.size(1);
+  return std::vector<T>(p, p + width);
+}
+
+}  // namespace
+
+struct Recommender::Impl {
+  ExportInfo info;
+  c10::Device device{c10::kCPU};
+  std::unique_ptr<Loader> scores;
+  std::unique_ptr<Loader> topk;  // null without a top-k graph
+
+  // Runs a package; inputs are CPU tensors, outputs come back as contiguous CPU tensors.
+  std::vector<at::Tensor> run(Loader& loader, std::vector<at::Tensor> inputs) const {
+    c10::InferenceMode guard;
+    for (auto& t : inputs) t = t.to(device);
+    std::vector<at::Tensor> outputs = loader.run(inputs);
+    for (auto& t : outputs) t = t.to(c10::kCPU).contiguous();
+    return outputs;
+  }
+
+  // Scores of validated rows sharing one candidate count, in chunks of max_batch, into *out[i].
+  void score(const Rows& histories, const Rows& candidates, const std::vector<std::vector<float>*>& out) const {
+    for (size_t start = 0; start < histories.size(); start += info.max_batch) {
+      const size_t stop = std::min(histories.size(), start + static_cast<size_t>(info.max_batch));
+      const Rows hist(histories.begin() + start, histories.begin() + stop);
+      const Rows cands(candidates.begin() + start, candidates.begin() + stop);
+      std::vector<at::Tensor> inputs = history_inputs(hist);
+      inputs.push_back(candidate_input(cands));
+      const at::Tensor result = run(*scores, std::move(inputs)).at(0);
+      for (size_t i = start; i < stop; ++i) {
+        *out[i] = row_of<float>(result, static_cast<int64_t>(i - start), result.size(1));
+      }
+    }
+  }
+};
+
+Recommender::Recommender(const std::string& export_dir, const Options& options) : impl_(std::make_unique<Impl>()) {
+  const fs::path dir(export_dir);
+  const fs::path meta_path = dir / "export.json";
+  if (!fs::is_regular_file(meta_path)) {
+    throw std::invalid_argument(export_dir + ": not an export directory (no export.json)");
+  }
+  if (options.num_runners < 1) throw std::invalid_argument("Options::num_runners must be >= 1");
+  const json::Value meta = json::parse(read_text(meta_path));
+  ExportInfo& info = impl_->info;
+  info.directory = export_dir;
+  info.engine = meta.at("engine").as_string();
+  if (meta.at("format").as_int() != kFormatVersion) {
+    throw std::invalid_argument(meta_path.string() + ": unknown export format " +
+                                std::to_string(meta.at("format").as_int()));
+  }
+  if (info.engine != "aoti") {
+    throw std::invalid_argument(meta_path.string() + ": engine '" + info.engine +
+                                "'; the C++ runtime serves AOTInductor exports (--engine aoti)");
+  }
+  info.device = meta.at("device").as_string();
+  info.dtype = meta.at("dtype").as_string();
+  info.num_items = meta.at("num_items").as_int();
+  const json::Value& ranges = meta.at("ranges");
+  info.max_batch = ranges.at("max_batch").as_int();
+  info.max_history = ranges.at("max_history").as_int();
+  info.max_candidates = ranges.at("max_candidates").as_int();
+  info.topk = meta.at("topk").as_int();
+
+  impl_->device = c10::Device(info.device);
+  if (impl_->device.is_cuda() && !at::hasCUDA()) {
+    throw std::runtime_error(export_dir + ": the packages were compiled for " + info.device +
+                             "; this libtorch has no CUDA support or no CUDA device is available");
+  }
+  const c10::DeviceIndex index = impl_->device.has_index() ? impl_->device.index() : -1;
+  const auto load = [&](const std::string& graph) {
+    const fs::path file = dir / meta.at("graphs").at(graph).at("file").as_string();
+    return std::make_unique<Loader>(file.string(), "model", false, options.num_runners, index);
+  };
+  impl_->scores = load("scores");
+  if (meta.at("graphs").contains("topk")) impl_->topk = load("topk");
+}
+
+Recommender::~Recommender() = default;
+Recommender::Recommender(Recommender&&) noexcept = default;
+Recommender& Recommender::operator=(Recommender&&) noexcept = default;
+
+const ExportInfo& Recommender::info() const {
+  return impl_->info;
+}
+
+ScoreRows Recommender::recommend(const IdRows& histories, const IdRows& candidates) const {
+  const ExportInfo& info = impl_->info;
+  check_histories(histories, info);
+  for (const auto& row : candidates) {
+    if (row.size() != candidates.front().size()) {
+      throw std::invalid_argument("candidate_ids: expected a 2-D batch [B, K] (rows of equal length)");
+    }
+  }
+  if (candidates.size() != histories.size()) {
+    throw std::invalid_argument("candidate_ids has " + std::to_string(candidates.size()) + " rows for " +
+                                std::to_string(histories.size()) + " histories");
+  }
+  check_candidate_count(candidates.front().size(), "", info);
+  for (const auto& row : candidates) check_ids(row, info.num_items, "candidate_ids");
+
+  ScoreRows out(histories.size());
+  Rows hist, cands;
+  std::vector<std::vector<float>*> targets;
+  for (size_t i = 0; i < histories.size(); ++i) {
+    hist.push_back(&histories[i]);
+    cands.push_back(&candidates[i]);
+    targets.push_back(&out[i]);
+  }
+  impl_->score(hist, cands, targets);
+  return out;
+}
+
+ScoreRows Recommender::recommend_batch(const std::vector<Request>& requests) const {
+  const ExportInfo& info = impl_->info;
+  if (requests.empty()) throw std::invalid_argument("requests: empty batch");
+  std::map<size_t, std::vector<size_t>> by_count;  // candidate count -> request indices, in order
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const std::string name = "requests[" + std::to_string(i) + "]";
+    check_history(requests[i].history, name + ".history", info);
+    check_candidate_count(requests[i].candidates.size(), name + ".candidates: ", info);
+    check_ids(requests[i].candidates, info.num_items, name + ".candidates");
+    by_count[requests[i].candidates.size()].push_back(i);
+  }
+  ScoreRows out(requests.size());
+  for (const auto& [count, members] : by_count) {
+    Rows hist, cands;
+    std::vector<std::vector<float>*> targets;
+    for (const size_t i : members) {
+      hist.push_back(&requests[i].history);
+      cands.push_back(&requests[i].candidates);
+      targets.push_back(&out[i]);
+    }
+    impl_->score(hist, cands, targets);
+  }
+  return out;
+}
+
+TopK Recommender::topk(const IdRows& histories, int64_t k) const {
+  const ExportInfo& info = impl_->info;
+  if (!impl_->topk) throw std::invalid_argument("this export has no top-k graph (exported with --topk 0)");
+  if (k < 1 || k > info.topk) {
+    throw std::invalid_argument("k=" + std::to_string(k) + ": this export answers 1 <= k <= " +
+                                std::to_string(info.topk) + " (its --topk)");
+  }
+  check_histories(histories, info);
+  TopK out;
+  for (size_t start = 0; start < histories.size(); start += info.max_batch) {
+    const size_t stop = std::min(histories.size(), start + static_cast<size_t>(info.max_batch));
+    Rows hist;
+    for (size_t i = start; i < stop; ++i) hist.push_back(&histories[i]);
+    const std::vector<at::Tensor> result = impl_->run(*impl_->topk, history_inputs(hist));
+    for (size_t i = start; i < stop; ++i) {
+      out.ids.push_back(row_of<int64_t>(result.at(0), static_cast<int64_t>(i - start), k));
+      out.scores.push_back(row_of<float>(result.at(1), static_cast<int64_t>(i - start), k));
+    }
+  }
+  return out;
+}
+
+}  // namespace speeder_rt

@@ -1,0 +1,108 @@
+"""``CppRecommender``: the C++ runtime (``speeder_rt::Recommender``, csrc/runtime) from Python, through the
+``speeder_rt._C`` extension; the ``Recommender`` API and validation for AOTInductor export directories.
+
+    rec = CppRecommender.load("exports/aoti")                            # python -m speeder_rt.export --engine aoti
+    scores = rec.recommend([[3, 17, 5], [8]], [[1, 2, 3], [4, 5, 6]])   # float32 [B, K]
+    item_ids, scores = rec.topk([[3, 17, 5], [8]], k=5)                  # int64 / float32 [B, k]
+    per_request = rec.recommend_batch([([3, 17], [1, 2, 3]), ([8], [4, 5])])  # candidate counts may differ
+
+Inputs are the ``Recommender``'s: lists of item ids (ragged histories), or 2-D arrays / tensors with histories
+padded by negative ids after the real items. Calls release the GIL and may come from many threads at once: up to
+``num_runners`` of them run concurrently (AOTInductor model instances sharing the weights), the rest wait.
+Bad requests raise ValueError with the Python runtime's messages (the checks are the C++ library's).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from speeder_rt.export.graph import Ranges
+from speeder_rt.runtime.recommender import Ids
+
+try:
+    from speeder_rt import _C
+except ImportError:  # the extension is not built
+    _C = None
+
+BUILD_HINT = "speeder_rt._C is not built: run `pip install --no-build-isolation -e .` (or `make test`) after torch"
+
+
+def available() -> bool:
+    """Whether the C++ runtime's binding is built."""
+    return _C is not None
+
+
+class CppRecommender:
+    """``recommend`` / ``recommend_batch`` / ``topk`` through the C++ ``speeder_rt::Recommender``."""
+
+    engine = "cpp"
+
+    def __init__(self, native: Any) -> None:
+        self._native = native
+        info = native.info
+        self.num_items: int = info.num_items
+        self.ranges = Ranges(info.max_batch, info.max_history, info.max_candidates)
+        self.max_topk: int = info.topk
+        self.device: str = info.device
+
+    @classmethod
+    def load(cls, path: str | Path, num_runners: int = 1) -> CppRecommender:
+        """An export directory written with ``--engine aoti``."""
+        if _C is None:
+            raise ImportError(BUILD_HINT)
+        return cls(_C.Recommender(str(path), num_runners))
+
+    def recommend(self, history_ids: Ids, candidate_ids: Ids) -> np.ndarray:
+        """Scores float32 [B, K] of each user's K candidates (higher = more likely next)."""
+        scores = self._native.recommend(_histories(history_ids), _rows(candidate_ids, "candidate_ids"))
+        return np.asarray(scores, dtype=np.float32)
+
+    def recommend_batch(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[np.ndarray]:
+        """Scores float32 [K_i] per (history, candidates) request; requests with the same K run batched together."""
+        pairs = [(_ids(h, f"requests[{i}].history"), _ids(c, f"requests[{i}].candidates"))
+                 for i, (h, c) in enumerate(requests)]
+        return [np.asarray(s, dtype=np.float32) for s in self._native.recommend_batch(pairs)]
+
+    def topk(self, history_ids: Ids, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(item ids int64 [B, k], scores float32 [B, k]) over the whole catalog, history items excluded."""
+        ids, scores = self._native.topk(_histories(history_ids), int(k))
+        return np.asarray(ids, dtype=np.int64).reshape(-1, k), np.asarray(scores, dtype=np.float32).reshape(-1, k)
+
+
+def _ids(row: Any, what: str) -> list[int]:
+    arr = np.asarray(row.detach().cpu() if isinstance(row, torch.Tensor) else row)
+    if arr.ndim != 1 or arr.dtype == object:
+        raise ValueError(f"{what}: expected a list of item ids, got {type(row).__name__} of shape {list(arr.shape)}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{what}: item ids must be integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64).tolist()
+
+
+def _array(ids: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
+    arr = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else ids
+    if arr.ndim != 2:
+        raise ValueError(f"{what}: expected a 2-D batch [B, K] (rows of equal length), got shape {list(arr.shape)}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{what}: item ids must be integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def _rows(ids: Ids, what: str) -> list[list[int]]:
+    if isinstance(ids, (np.ndarray, torch.Tensor)):
+        return _array(ids, what).tolist()
+    return [_ids(row, f"{what}[{i}]") for i, row in enumerate(ids)]
+
+
+def _histories(ids: Ids) -> list[list[int]]:
+    """Lists of real items; a padded 2-D array loses its negative padding (which must follow the real items)."""
+    if not isinstance(ids, (np.ndarray, torch.Tensor)):
+        return _rows(ids, "history_ids")
+    arr = _array(ids, "history_ids")
+    real = arr >= 0
+    if (real[:, 1:] & ~real[:, :-1]).any():
+        raise ValueError("history_ids: padding (negative ids) must come after a row's real items")
+    return [row[mask].tolist() for row, mask in zip(arr, real)]

@@ -1,0 +1,174 @@
+"""The C++ runtime (csrc/runtime) on a tiny AOTInductor export: through the pybind11 binding (CppRecommender) and
+through the example program examples/cpp_serving (built by CMake), both against the Python Recommender.
+
+``make test`` builds both (the extension with pip, the runtime and example with CMake into build/cpp; set
+SPEEDER_RT_CPP_BUILD to use another CMake build directory); without them these tests skip with a reason.
+"""
+import os
+import re
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from speeder_rt.export import export_checkpoint
+from speeder_rt.runtime import Recommender
+from speeder_rt.runtime.cpp import CppRecommender, available
+from speeder_rt.train.config import run_config_from_dict
+from speeder_rt.train.data import prepare
+from speeder_rt.train.trainer import Trainer
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not available(), reason="speeder_rt._C is not built (make test, or pip install "
+                                                         "--no-build-isolation -e .)")]
+
+BUILD = Path(os.environ.get("SPEEDER_RT_CPP_BUILD", Path(__file__).resolve().parents[1] / "build" / "cpp"))
+SERVE = BUILD / "examples" / "cpp_serving" / "speeder_serve"
+RANGES = dict(max_batch=4, max_history=8, max_candidates=20, topk=5)
+HISTORIES = [[3, 17, 5], [8], [0, 1, 2, 3, 4, 5, 6, 7], [44, 0], [9, 9, 10], [119]]  # 6 users > max batch 4
+CANDIDATES = np.random.default_rng(0).integers(0, 120, size=(6, 7))
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    """A briefly trained tiny Speeder (120 items, max_history 12), exported with --engine aoti."""
+    tmp = tmp_path_factory.mktemp("cpp_runtime")
+    cfg = run_config_from_dict({
+        "out_dir": str(tmp / "run"),
+        "data": {"source": "synthetic", "synthetic": {"n_items": 120, "n_users": 80, "seed": 1},
+                 "split": {"short_users": "drop"}, "collab_features": False},
+        "model": {"backbone": {"shape": "tiny"}, "modalities": ["text", "image"], "d_expert": 32, "max_history": 12},
+        "mpo": [{"name": "text", "modalities": ["text"], "epochs": 1, "lr": 0.003}],
+        "train": {"batch_size": 32, "max_train_samples_per_epoch": 64, "progress": False},
+    })
+    trainer = Trainer("speeder", cfg, *prepare(cfg, log=lambda *_: None), log=lambda *_: None)
+    trainer.run()
+    out = tmp / "export"
+    export_checkpoint(trainer.out / "best.pt", "aoti", out, device="cpu", log=lambda *_: None, **RANGES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def python_rec(export_dir):
+    return Recommender.load(export_dir)
+
+
+@pytest.fixture(scope="module")
+def cpp_rec(export_dir):
+    return CppRecommender.load(export_dir)
+
+
+# -- the binding -------------------------------------------------------------------------------------------------
+def test_binding_answers_like_the_python_runtime(cpp_rec, python_rec):
+    assert (cpp_rec.num_items, cpp_rec.ranges, cpp_rec.max_topk, cpp_rec.device) == (120, python_rec.ranges, 5, "cpu")
+    scores = cpp_rec.recommend(HISTORIES, CANDIDATES)
+    assert scores.dtype == np.float32 and scores.shape == (6, 7)
+    np.testing.assert_array_equal(scores, python_rec.recommend(HISTORIES, CANDIDATES))  # the same package and inputs
+    padded = torch.tensor([r + [-1] * (8 - len(r)) for r in HISTORIES])
+    np.testing.assert_array_equal(cpp_rec.recommend(padded, torch.from_numpy(CANDIDATES)), scores)
+    ids, top = cpp_rec.topk(HISTORIES, k=3)
+    want_ids, want_top = python_rec.topk(HISTORIES, k=3)
+    assert ids.dtype == np.int64 and top.dtype == np.float32
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(top, want_top)
+
+
+def test_recommend_batch_groups_requests_by_candidate_count(cpp_rec, python_rec):
+    requests = [(h, CANDIDATES[i, : 3 + i % 3]) for i, h in enumerate(HISTORIES)] * 2  # K = 3, 4, 5 mixed
+    got = cpp_rec.recommend_batch(requests)
+    assert [len(s) for s in got] == [len(c) for _, c in requests]
+    for (history, candidates), scores in zip(requests, got):
+        np.testing.assert_allclose(scores, python_rec.recommend([history], [candidates])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_binding_answers_8_threads_at_once_with_identical_results(export_dir):
+    rec = CppRecommender.load(export_dir, num_runners=2)
+    rng = np.random.default_rng(1)
+    jobs = [([list(rng.integers(0, 120, size=rng.integers(1, 9))) for _ in range(rng.integers(1, 7))], n)
+            for n in range(32)]
+    work = lambda job: (rec.recommend(job[0], np.full((len(job[0]), 4), job[1])), rec.topk(job[0], 5))  # noqa: E731
+    sequential = [work(job) for job in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(work, jobs * 2))
+    for got, want in zip(concurrent, sequential * 2):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1][0], want[1][0])
+        np.testing.assert_array_equal(got[1][1], want[1][1])
+
+
+@pytest.mark.parametrize("history, candidates, message", [  # the Python runtime's cases and messages
+    ([[3, 120]], [[1]], r"history_ids\[0\]: item ids must be in 0..119"),
+    ([[3, -2]], [[1]], r"item ids must be in 0..119"),
+    ([[3], []], [[1], [2]], r"history_ids\[1\]: empty history"),
+    ([list(range(9))], [[1]], r"9 items; this export takes at most 8"),
+    ([[3]], [list(range(21))], r"21 candidates per user; this export takes 1..20"),
+    ([[3]], [[120]], r"candidate_ids: item ids must be in 0..119"),
+    ([[3], [4]], [[1, 2], [3]], r"candidate_ids: expected a 2-D batch"),
+    ([[3]], [[1], [2]], r"2 rows for 1 histories"),
+    ([3, 4], [[1]], r"history_ids\[0\]: expected a list of item ids"),
+    (np.array([[-1, 3]]), [[1]], r"padding \(negative ids\) must come after"),
+    ([], [], r"empty batch"),
+    ([[1.5]], [[1]], r"item ids must be integers"),
+])
+def test_bad_requests_raise_the_python_runtimes_errors(cpp_rec, python_rec, history, candidates, message):
+    for rec in (cpp_rec, python_rec):
+        with pytest.raises(ValueError, match=message):
+            rec.recommend(history, candidates)
+
+
+def test_bad_topk_batch_and_load_requests_raise(cpp_rec, tmp_path):
+    with pytest.raises(ValueError, match=r"k=6: this export answers 1 <= k <= 5"):
+        cpp_rec.topk([[1]], k=6)
+    with pytest.raises(ValueError, match=r"requests\[1\].candidates: 0 candidates per user"):
+        cpp_rec.recommend_batch([([1], [2]), ([1], [])])
+    with pytest.raises(ValueError, match=r"requests\[0\].history: item ids must be in 0..119"):
+        cpp_rec.recommend_batch([([500], [2])])
+    with pytest.raises(ValueError, match="not an export directory"):
+        CppRecommender.load(tmp_path)
+    (tmp_path / "export.json").write_text('{"format": 1, "engine": "onnx"}')
+    with pytest.raises(ValueError, match=r"engine 'onnx'; the C\+\+ runtime serves AOTInductor exports"):
+        CppRecommender.load(tmp_path)
+    (tmp_path / "export.json").write_text('{"format": 1, "engine": ')
+    with pytest.raises(RuntimeError, match="JSON: unexpected end"):
+        CppRecommender.load(tmp_path)
+    assert cpp_rec.recommend([[1]], [[2]]).shape == (1, 1)  # still serving
+
+
+# -- the example program -----------------------------------------------------------------------------------------
+needs_example = pytest.mark.skipif(not SERVE.is_file(), reason=f"{SERVE} is not built (make test, or cmake -S . -B "
+                                                                "build/cpp && cmake --build build/cpp)")
+LINE = re.compile(r"top=(\d+) score=(\S+) latency_us=(\d+)")
+
+
+@needs_example
+def test_example_program_prints_the_python_runtimes_top_candidate(export_dir, python_rec, tmp_path):
+    requests = tmp_path / "requests.txt"
+    lines = [" ".join(map(str, h)) + " ; " + " ".join(map(str, c)) for h, c in zip(HISTORIES, CANDIDATES)]
+    requests.write_text("# history ; candidates\n" + "\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n")
+    run = subprocess.run([SERVE, export_dir, requests], check=False, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout.splitlines()
+    assert len(out) == len(HISTORIES)
+    for line, history, candidates in zip(out, HISTORIES, CANDIDATES):
+        top, score, latency = LINE.fullmatch(line).groups()
+        want = python_rec.recommend([history], [candidates])[0]  # the example answers one request per call
+        assert int(top) == candidates[want.argmax()]
+        assert np.float32(score) == want.max()  # 9 significant digits round-trip a float32
+        assert int(latency) > 0
+
+
+@needs_example
+def test_example_program_reports_bad_requests_and_reads_stdin(export_dir):
+    stdin = "3 17 ; 1 2\n3 x ; 1\n3 ; 500\n1 2 3\n4 ; 5\n"
+    run = subprocess.run([SERVE, export_dir], check=False, input=stdin, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    out = run.stdout.splitlines()
+    assert LINE.fullmatch(out[0]) and LINE.fullmatch(out[4])
+    assert out[1:4] == ["error=not an item id: 'x'", "error=candidate_ids: item ids must be in 0..119",
+                        "error=expected 'history ids ; candidate ids'"]
+    missing = subprocess.run([SERVE, export_dir.parent / "missing"], check=False, capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 2 and "not an export directory" in missing.stderr

@@ -25,6 +25,7 @@ import os
 
 import pytest
 import torch
+from timing import cuda_median_ms
 
 if not torch.cuda.is_available():
     # Triton runs on CPU only through its interpreter, which is chosen when the kernels are decorated (import).
@@ -77,20 +78,6 @@ def kernel_bytes(args: dict) -> int:
     return (batch * length + real_rows + add_rows) * d * elem
 
 
-def _cuda_median_ms(step, warmup: int = WARMUP_ROUNDS, rounds: int = ROUNDS) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the sweep needs a CUDA device (bf16 at real sizes)")
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
@@ -124,8 +111,8 @@ def test_assemble_sweep(benchmark, layout_name, method):
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["gbps"] = moved / benchmark.stats.stats.median / 1e9
     if method == "triton":
-        ms = _cuda_median_ms(step)
-        copy_ms = _cuda_median_ms(lambda: copy_dst.copy_(copy_src))
+        ms = cuda_median_ms(step, WARMUP_ROUNDS, ROUNDS)
+        copy_ms = cuda_median_ms(lambda: copy_dst.copy_(copy_src), WARMUP_ROUNDS, ROUNDS)
         kernel_gbps, copy_gbps = moved / ms / 1e6, 2 * out_bytes / copy_ms / 1e6
         benchmark.extra_info.update(kernel_ms=ms, copy_ms=copy_ms, kernel_gbps_events=kernel_gbps,
                                     copy_gbps_events=copy_gbps, fraction_of_copy_bandwidth=kernel_gbps / copy_gbps)

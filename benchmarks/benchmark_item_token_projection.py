@@ -24,6 +24,7 @@ import os
 
 import pytest
 import torch
+from timing import cuda_median_ms
 
 if not torch.cuda.is_available():
     # Triton runs on CPU only through its interpreter, which is chosen when the kernels are decorated (import).
@@ -89,20 +90,6 @@ def _make_step(forward, leaves, mode: str, grad_out: torch.Tensor):
     return step
 
 
-def _cuda_median_ms(step, warmup: int = WARMUP_ROUNDS, rounds: int = ROUNDS) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the sweep needs a CUDA device (bf16 at real sizes)")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("method", METHODS)
@@ -130,7 +117,7 @@ def test_mome_sweep(benchmark, rows, method, mode):
     if method == "triton":
         eager_step = _make_step(_make_forward("eager", mome, features, active, ids, extra_table, extra_idx), leaves,
                                 mode, grad_out)
-        triton_ms, eager_ms = _cuda_median_ms(step), _cuda_median_ms(eager_step)
+        triton_ms, eager_ms = cuda_median_ms(step, WARMUP_ROUNDS, ROUNDS), cuda_median_ms(eager_step, WARMUP_ROUNDS, ROUNDS)
         benchmark.extra_info.update(triton_ms=triton_ms, eager_ms=eager_ms, speedup_vs_eager=eager_ms / triton_ms)
 
 

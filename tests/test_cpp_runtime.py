@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bad_requests import BAD_REQUESTS
 import torch
 
 from speeder_rt.export import export_checkpoint
@@ -99,20 +100,7 @@ def test_binding_answers_8_threads_at_once_with_identical_results(export_dir):
         np.testing.assert_array_equal(got[1][1], want[1][1])
 
 
-@pytest.mark.parametrize("history, candidates, message", [  # the Python runtime's cases and messages
-    ([[3, 120]], [[1]], r"history_ids\[0\]: item ids must be in 0..119"),
-    ([[3, -2]], [[1]], r"item ids must be in 0..119"),
-    ([[3], []], [[1], [2]], r"history_ids\[1\]: empty history"),
-    ([list(range(9))], [[1]], r"9 items; this export takes at most 8"),
-    ([[3]], [list(range(21))], r"21 candidates per user; this export takes 1..20"),
-    ([[3]], [[120]], r"candidate_ids: item ids must be in 0..119"),
-    ([[3], [4]], [[1, 2], [3]], r"candidate_ids: expected a 2-D batch"),
-    ([[3]], [[1], [2]], r"2 rows for 1 histories"),
-    ([3, 4], [[1]], r"history_ids\[0\]: expected a list of item ids"),
-    (np.array([[-1, 3]]), [[1]], r"padding \(negative ids\) must come after"),
-    ([], [], r"empty batch"),
-    ([[1.5]], [[1]], r"item ids must be integers"),
-])
+@pytest.mark.parametrize("history, candidates, message", BAD_REQUESTS)
 def test_bad_requests_raise_the_python_runtimes_errors(cpp_rec, python_rec, history, candidates, message):
     for rec in (cpp_rec, python_rec):
         with pytest.raises(ValueError, match=message):

@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+from bad_requests import BAD_REQUESTS
 import torch
 
 from speeder_rt.export import __main__ as cli
@@ -224,19 +225,7 @@ def test_recommender_from_a_checkpoint_runs_pytorch(ckpt, model):
     assert np.array_equal(rec.topk([[3, 17, 5]], k=4)[0][0], reference_topk(model, [3, 17, 5], 4)[0])
 
 
-@pytest.mark.parametrize("history, candidates, message", [
-    ([[3, 120]], [[1]], r"history_ids\[0\]: item ids must be in 0..119"),
-    ([[3, -2]], [[1]], r"item ids must be in 0..119"),
-    ([[3], []], [[1], [2]], r"history_ids\[1\]: empty history"),
-    ([list(range(9))], [[1]], r"9 items; this export takes at most 8"),
-    ([[3]], [list(range(21))], r"21 candidates per user; this export takes 1..20"),
-    ([[3]], [[120]], r"candidate_ids: item ids must be in 0..119"),
-    ([[3], [4]], [[1, 2], [3]], r"candidate_ids: expected a 2-D batch"),
-    ([[3]], [[1], [2]], r"2 rows for 1 histories"),
-    ([3, 4], [[1]], r"history_ids\[0\]: expected a list of item ids"),
-    (np.array([[-1, 3]]), [[1]], r"padding \(negative ids\) must come after"),
-    ([], [], r"empty batch"),
-])
+@pytest.mark.parametrize("history, candidates, message", BAD_REQUESTS)
 def test_recommender_rejects_invalid_requests(onnx_dir, history, candidates, message):
     rec = Recommender.load(onnx_dir)
     with pytest.raises(ValueError, match=message):

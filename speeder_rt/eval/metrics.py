@@ -53,11 +53,17 @@ def ranking_metrics(ranks: np.ndarray, ks: tuple[int, ...] = DEFAULT_KS, valid: 
 
 
 def format_table(rows: dict[str, dict[str, float]], columns: list[str]) -> str:
-    """A fixed-width text table: one row per model, one column per metric name."""
+    """A fixed-width text table: one row per model, one column per metric name (timings, columns ending in
+    ``_s`` / ``_ms``, with 2 decimals; metrics with 4)."""
+
+    def cell(column: str, value) -> str:
+        if not isinstance(value, float):
+            return f"  {str(value if value is not None else '-'):>10}"
+        return f"  {value:>10.2f}" if column.endswith(("_s", "_ms")) else f"  {value:>10.4f}"
+
     name_w = max(len("model"), *(len(n) for n in rows))
     head = "model".ljust(name_w) + "".join(f"  {c:>10}" for c in columns)
     lines = [head, "-" * len(head)]
     for name, vals in rows.items():
-        cells = "".join(f"  {vals[c]:>10.4f}" if isinstance(vals.get(c), float) else f"  {str(vals.get(c, '-')):>10}" for c in columns)
-        lines.append(name.ljust(name_w) + cells)
+        lines.append(name.ljust(name_w) + "".join(cell(c, vals.get(c)) for c in columns))
     return "\n".join(lines)

@@ -31,8 +31,8 @@ if not torch.cuda.is_available():
     # Triton runs on CPU only through its interpreter, which is chosen when the kernels are decorated (import).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from speeder_rt.kernels._checks import INTERPRET  # noqa: E402
 from speeder_rt.kernels.assemble_inputs_embeds import (  # noqa: E402
-    _INTERPRET,
     assemble_inputs_embeds,
     assemble_inputs_embeds_reference,
 )
@@ -119,7 +119,7 @@ def test_assemble_sweep(benchmark, layout_name, method):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke case; the CUDA sweep covers this machine")
-@pytest.mark.skipif(not _INTERPRET, reason="speeder_rt.kernels was imported without TRITON_INTERPRET=1")
+@pytest.mark.skipif(not INTERPRET, reason="speeder_rt.kernels was imported without TRITON_INTERPRET=1")
 def test_cpu_smoke(benchmark):
     args = _inputs(3, 5, 4, (2, 1, 2), 40, "cpu", torch.float32, num_items=30, vocab=50)
     got = benchmark.pedantic(assemble_inputs_embeds, kwargs=args, rounds=1, iterations=1, warmup_rounds=0)

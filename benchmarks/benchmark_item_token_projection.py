@@ -30,8 +30,8 @@ if not torch.cuda.is_available():
     # Triton runs on CPU only through its interpreter, which is chosen when the kernels are decorated (import).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from speeder_rt.kernels._checks import INTERPRET  # noqa: E402
 from speeder_rt.kernels.item_token_projection import (  # noqa: E402
-    _INTERPRET,
     ExpertParams,
     item_token_projection,
     item_token_projection_reference,
@@ -122,7 +122,7 @@ def test_mome_sweep(benchmark, rows, method, mode):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke case; the CUDA sweep covers this machine")
-@pytest.mark.skipif(not _INTERPRET, reason="speeder_rt.kernels was imported without TRITON_INTERPRET=1")
+@pytest.mark.skipif(not INTERPRET, reason="speeder_rt.kernels was imported without TRITON_INTERPRET=1")
 def test_cpu_smoke(benchmark):
     mome, features, active, ids, extra_table, extra_idx = _setup(
         9, "cpu", torch.float32, torch.float16, dims={"text": 24, "image": 40}, d_e=48, d_h=40, num_items=30,

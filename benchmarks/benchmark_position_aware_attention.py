@@ -21,7 +21,6 @@ skipped with a reason. Run: ``pytest benchmarks/benchmark_position_aware_attenti
 
 from __future__ import annotations
 
-import importlib
 import os
 from contextlib import nullcontext
 
@@ -33,9 +32,9 @@ if not torch.cuda.is_available():
     # Triton runs on CPU only through its interpreter, which is chosen when the kernels are decorated (import).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from speeder_rt.kernels._checks import INTERPRET  # noqa: E402
 from speeder_rt.kernels import position_aware_attention, position_aware_attention_reference  # noqa: E402
 
-_paa_module = importlib.import_module("speeder_rt.kernels.position_aware_attention")
 
 TOKENS = 16384
 SEQ_LENS = (128, 256, 512, 1024, 2048, 4096)
@@ -160,7 +159,7 @@ def test_causal_sweep(benchmark, seq_len, head_dim, heads, method, mode):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke case; the CUDA sweep covers this machine")
-@pytest.mark.skipif(not _paa_module._INTERPRET, reason="speeder_rt.kernels was imported without TRITON_INTERPRET=1")
+@pytest.mark.skipif(not INTERPRET, reason="speeder_rt.kernels was imported without TRITON_INTERPRET=1")
 def test_cpu_smoke(benchmark):
     q, k, v, item_idx, slopes = _inputs(1, 4, 2, 33, 16, "cpu", torch.float32)
     mask = torch.ones(1, 33, dtype=torch.bool)

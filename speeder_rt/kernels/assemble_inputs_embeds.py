@@ -34,11 +34,12 @@ prompt with ``SpeederModel.prompt``.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from speeder_rt.kernels._checks import INTERPRET, check_tensors_on_one_device, shape
 
 __all__ = ["assemble_inputs_embeds", "assemble_inputs_embeds_reference"]
 
@@ -48,15 +49,14 @@ DEBUG_POISON_OUTPUTS = False
 POISON_ITEM_IDX = -(2**31) + 7
 POISON_MASK_BYTE = 2  # neither False (0) nor True (1)
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 # Column chunk (a loop beyond it) and tile size. On sm90 a [BLOCK_T, BLOCK_D] tile is 4 KiB of the table dtype: two
 # 16-byte vectors per thread and source at 4 warps, 48 registers in bf16 (ptxas, sm_90a), so ~10 resident programs
 # per SM keep ~40 KiB of loads in flight; 8 KiB tiles needed 94 registers. The interpreter's are small so that the
 # CPU tests' widths (up to 130) exercise the column loop, its masked tail and BLOCK_T > 1.
-_MAX_BLOCK_D = 64 if _INTERPRET else 1024
-_TILE_BYTES = 256 if _INTERPRET else 4096
+_MAX_BLOCK_D = 64 if INTERPRET else 1024
+_TILE_BYTES = 256 if INTERPRET else 4096
 _NUM_WARPS = 4
 
 
@@ -113,10 +113,6 @@ def _assemble_kernel(
     tl.store(MASK + b * L + t, real.to(tl.uint8), mask=in_l)
 
 
-def _shape(t: torch.Tensor) -> list[int]:
-    return list(t.shape)
-
-
 def _validate(
     item_table: torch.Tensor,
     history: torch.Tensor,
@@ -133,48 +129,40 @@ def _validate(
     named = {"item_table": item_table, "history": history, "history_len": history_len, "candidates": candidates,
              "recency": recency, "candidate_embedding": candidate_embedding, "template_ids": template_ids,
              "embed_weight": embed_weight}
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors_on_one_device(named, "item_table")
     device = item_table.device
-    for name, t in named.items():
-        if t.device != device:
-            raise ValueError(f"{name} (shape {_shape(t)}) is on {t.device} but item_table is on {device}")
-    if device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"item_table (shape {_shape(item_table)}) is on {device}; the kernel needs CUDA tensors or "
-                         "TRITON_INTERPRET=1")
     if item_table.dim() != 2 or item_table.shape[1] == 0:
-        raise ValueError(f"item_table must have shape [N, d] with d >= 1, got shape {_shape(item_table)}")
+        raise ValueError(f"item_table must have shape [N, d] with d >= 1, got shape {shape(item_table)}")
     dtype, (num_items, d) = item_table.dtype, item_table.shape
     if dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"item_table has unsupported dtype {dtype} (shape {_shape(item_table)}); "
+        raise ValueError(f"item_table has unsupported dtype {dtype} (shape {shape(item_table)}); "
                          f"supported: {_SUPPORTED_DTYPES}")
     for name in ("recency", "candidate_embedding", "embed_weight"):
         if named[name].dtype != dtype:
-            raise ValueError(f"{name} has dtype {named[name].dtype} (shape {_shape(named[name])}), item_table has "
+            raise ValueError(f"{name} has dtype {named[name].dtype} (shape {shape(named[name])}), item_table has "
                              f"{dtype}")
     if history.dim() != 2 or history.dtype != torch.int64:
-        raise ValueError(f"history must be an int64 tensor [B, W], got {history.dtype} of shape {_shape(history)}")
+        raise ValueError(f"history must be an int64 tensor [B, W], got {history.dtype} of shape {shape(history)}")
     batch, width = history.shape
     if history_len.dtype not in _INDEX_DTYPES or tuple(history_len.shape) != (batch,):
         raise ValueError(f"history_len must be an int32 / int64 tensor of shape [B] = [{batch}], got "
-                         f"{history_len.dtype} of shape {_shape(history_len)}")
+                         f"{history_len.dtype} of shape {shape(history_len)}")
     if candidates.dim() != 2 or candidates.dtype != torch.int64 or candidates.shape[0] != batch:
         raise ValueError(f"candidates must be an int64 tensor [B={batch}, K], got {candidates.dtype} of shape "
-                         f"{_shape(candidates)}")
+                         f"{shape(candidates)}")
     if recency.dim() != 2 or recency.shape[1] != d or recency.shape[0] < width:
-        raise ValueError(f"recency must have shape [R, d={d}] with R >= W={width}, got shape {_shape(recency)}")
+        raise ValueError(f"recency must have shape [R, d={d}] with R >= W={width}, got shape {shape(recency)}")
     if tuple(candidate_embedding.shape) != (d,):
-        raise ValueError(f"candidate_embedding must have shape [d] = [{d}], got shape {_shape(candidate_embedding)}")
+        raise ValueError(f"candidate_embedding must have shape [d] = [{d}], got shape {shape(candidate_embedding)}")
     if embed_weight.dim() != 2 or embed_weight.shape[1] != d:
-        raise ValueError(f"embed_weight must have shape [V, d={d}], got shape {_shape(embed_weight)}")
+        raise ValueError(f"embed_weight must have shape [V, d={d}], got shape {shape(embed_weight)}")
     if len(template_sizes) != 3 or any(int(s) < 0 for s in template_sizes):
         raise ValueError(f"template_sizes must be (P, Mi, S) >= 0, got {template_sizes}")
     num_template = sum(int(s) for s in template_sizes) + 1
     if template_ids.dtype not in _INDEX_DTYPES or tuple(template_ids.shape) != (num_template,):
         raise ValueError(f"template_ids must be an int32 / int64 tensor of shape [P + Mi + S + 1] = [{num_template}] "
                          f"(template_sizes {tuple(template_sizes)}), got {template_ids.dtype} of shape "
-                         f"{_shape(template_ids)}")
+                         f"{shape(template_ids)}")
     if not validate or batch == 0:
         return
     slots = torch.arange(width, device=device)[None, :] < history_len[:, None]
@@ -186,14 +174,14 @@ def _validate(
         ((template_ids < 0) | (template_ids >= vocab)).any(),
     ]).tolist()
     if checks[0]:
-        raise ValueError(f"history_len (shape {_shape(history_len)}) must be in 0..W={width}")
+        raise ValueError(f"history_len (shape {shape(history_len)}) must be in 0..W={width}")
     if checks[1]:
-        raise ValueError(f"history (shape {_shape(history)}): the first history_len ids of each row must be in "
+        raise ValueError(f"history (shape {shape(history)}): the first history_len ids of each row must be in "
                          f"0..{num_items - 1}")
     if checks[2]:
-        raise ValueError(f"candidates (shape {_shape(candidates)}) must be in 0..{num_items - 1}")
+        raise ValueError(f"candidates (shape {shape(candidates)}) must be in 0..{num_items - 1}")
     if checks[3]:
-        raise ValueError(f"template_ids (shape {_shape(template_ids)}) must be in 0..{vocab - 1}")
+        raise ValueError(f"template_ids (shape {shape(template_ids)}) must be in 0..{vocab - 1}")
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,6 @@ modality, since the widths d_m are compile-time constants.
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple, Sequence
 
 import torch
@@ -67,13 +66,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from speeder_rt.kernels._checks import INTERPRET, check_tensors_on_one_device, shape
+
 __all__ = ["ExpertParams", "item_token_projection", "item_token_projection_reference", "mome_parameters"]
 
 # Tests set this to True: outputs and workspaces are then allocated filled with NaN instead of left
 # uninitialised, so any element a kernel fails to write shows up.
 DEBUG_POISON_OUTPUTS = False
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_MODALITIES = 4  # the kernels unroll one code path per modality
 _M_PAD = 16  # gate width padded to tl.dot's minimum
 _LN_EPS = 1e-5
@@ -116,7 +116,7 @@ def _cfg(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
-if _INTERPRET:
+if INTERPRET:
     _NORM_UP_CONFIGS = [_cfg(4, 1, BLOCK_S=16, BLOCK_E=16, BLOCK_K=16)]
     _DOWN_CONFIGS = [_cfg(4, 1, BLOCK_S=16, BLOCK_H=16, BLOCK_E=16)]
     _DH_CONFIGS = [_cfg(4, 1, BLOCK_H=16)]
@@ -536,10 +536,6 @@ def _bwd_dz_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------------------------
-def _shape(t: torch.Tensor) -> list[int]:
-    return list(t.shape)
-
-
 def _validate(
     ids: torch.Tensor,
     features: Sequence[torch.Tensor],
@@ -569,79 +565,71 @@ def _validate(
         named["extra_table"] = extra_table
     if extra_idx is not None:
         named["extra_idx"] = extra_idx
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t in named.items():
-        if t.device != ids.device:
-            raise ValueError(f"{name} (shape {_shape(t)}) is on {t.device} but ids is on {ids.device}")
-    if ids.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"ids (shape {_shape(ids)}) is on {ids.device}; the kernels need CUDA tensors or "
-                         "TRITON_INTERPRET=1")
+    check_tensors_on_one_device(named, "ids")
     if ids.dim() != 1 or ids.dtype != torch.int64:
-        raise ValueError(f"ids must be a 1-D int64 tensor [S], got {ids.dtype} of shape {_shape(ids)}")
+        raise ValueError(f"ids must be a 1-D int64 tensor [S], got {ids.dtype} of shape {shape(ids)}")
 
     num_items = None
     for m, f in enumerate(features):
         if f.dim() != 2:
-            raise ValueError(f"features[{m}] must have shape [N, d_m], got shape {_shape(f)}")
+            raise ValueError(f"features[{m}] must have shape [N, d_m], got shape {shape(f)}")
         if f.dtype not in _FEATURE_DTYPES:
-            raise ValueError(f"features[{m}] has unsupported dtype {f.dtype} (shape {_shape(f)}); "
+            raise ValueError(f"features[{m}] has unsupported dtype {f.dtype} (shape {shape(f)}); "
                              f"supported: {_FEATURE_DTYPES}")
         if num_items is None:
             num_items = f.shape[0]
         elif f.shape[0] != num_items:
-            raise ValueError(f"features[{m}] has shape {_shape(f)} but features[0] has {num_items} rows")
+            raise ValueError(f"features[{m}] has shape {shape(f)} but features[0] has {num_items} rows")
     if active.dtype != torch.bool or tuple(active.shape) != (num_items, num_mod):
         raise ValueError(f"active must be a bool tensor of shape [N, M] = {[num_items, num_mod]}, got {active.dtype} "
-                         f"of shape {_shape(active)}")
+                         f"of shape {shape(active)}")
 
     dtype = experts[0].w1.dtype
     if dtype not in _PARAM_DTYPES:
-        raise ValueError(f"experts[0].w1 has unsupported dtype {dtype} (shape {_shape(experts[0].w1)}); "
+        raise ValueError(f"experts[0].w1 has unsupported dtype {dtype} (shape {shape(experts[0].w1)}); "
                          f"supported: {_PARAM_DTYPES}")
     if experts[0].w1.dim() != 2 or experts[0].w2.dim() != 2:
-        raise ValueError(f"experts[0].w1 / w2 must be 2-D, got shapes {_shape(experts[0].w1)} and "
-                         f"{_shape(experts[0].w2)}")
+        raise ValueError(f"experts[0].w1 / w2 must be 2-D, got shapes {shape(experts[0].w1)} and "
+                         f"{shape(experts[0].w2)}")
     d_e, d_h = experts[0].w1.shape[0], experts[0].w2.shape[0]
     if min(d_e, d_h) < 1:
-        raise ValueError(f"d_e and d_h must be positive: experts[0].w1 {_shape(experts[0].w1)}, "
-                         f"w2 {_shape(experts[0].w2)}")
+        raise ValueError(f"d_e and d_h must be positive: experts[0].w1 {shape(experts[0].w1)}, "
+                         f"w2 {shape(experts[0].w2)}")
     for m, (f, e) in enumerate(zip(features, experts)):
         d_m = f.shape[1]
         expected = {"ln_weight": (d_m,), "ln_bias": (d_m,), "w1": (d_e, d_m), "b1": (d_e,), "w2": (d_h, d_e),
                     "b2": (d_h,)}
         if d_m < 1:
-            raise ValueError(f"features[{m}] has shape {_shape(f)}: d_m must be positive")
+            raise ValueError(f"features[{m}] has shape {shape(f)}: d_m must be positive")
         for field, t in zip(ExpertParams._fields, e):
             if tuple(t.shape) != expected[field]:
                 raise ValueError(f"experts[{m}].{field} must have shape {list(expected[field])} (features[{m}] has "
-                                 f"d_m={d_m}, d_e={d_e}, d_h={d_h}), got shape {_shape(t)}")
+                                 f"d_m={d_m}, d_e={d_e}, d_h={d_h}), got shape {shape(t)}")
             if t.dtype != dtype:
-                raise ValueError(f"experts[{m}].{field} has dtype {t.dtype} (shape {_shape(t)}), experts[0].w1 "
+                raise ValueError(f"experts[{m}].{field} has dtype {t.dtype} (shape {shape(t)}), experts[0].w1 "
                                  f"has {dtype}: all parameters must share one dtype")
     sum_d = sum(f.shape[1] for f in features)
-    for name, t, shape in (("gate_w", gate_w, (num_mod, sum_d)), ("gate_b", gate_b, (num_mod,))):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {list(shape)} (M={num_mod}, sum d_m={sum_d}), "
-                             f"got shape {_shape(t)}")
+    for name, t, want in (("gate_w", gate_w, (num_mod, sum_d)), ("gate_b", gate_b, (num_mod,))):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {list(want)} (M={num_mod}, sum d_m={sum_d}), "
+                             f"got shape {shape(t)}")
         if t.dtype != dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} (shape {_shape(t)}), the experts have {dtype}")
+            raise ValueError(f"{name} has dtype {t.dtype} (shape {shape(t)}), the experts have {dtype}")
 
     if (extra_table is None) != (extra_idx is None):
         given = "extra_idx" if extra_table is None else "extra_table"
         missing = "extra_table" if extra_table is None else "extra_idx"
-        shape = _shape(extra_idx if extra_table is None else extra_table)
-        raise ValueError(f"{given} (shape {shape}) was given without {missing}")
+        given_shape = shape(extra_idx if extra_table is None else extra_table)
+        raise ValueError(f"{given} (shape {given_shape}) was given without {missing}")
     if extra_table is not None:
         if extra_table.dim() != 2 or extra_table.shape[1] != d_h:
-            raise ValueError(f"extra_table must have shape [R, d_h={d_h}], got shape {_shape(extra_table)}")
+            raise ValueError(f"extra_table must have shape [R, d_h={d_h}], got shape {shape(extra_table)}")
         if extra_table.dtype != dtype:
-            raise ValueError(f"extra_table has dtype {extra_table.dtype} (shape {_shape(extra_table)}), "
+            raise ValueError(f"extra_table has dtype {extra_table.dtype} (shape {shape(extra_table)}), "
                              f"the experts have {dtype}")
         if extra_idx.dtype not in _INDEX_DTYPES or tuple(extra_idx.shape) != tuple(ids.shape):
-            raise ValueError(f"extra_idx must be an int32 / int64 tensor of shape [S] = {_shape(ids)}, got "
-                             f"{extra_idx.dtype} of shape {_shape(extra_idx)}")
+            raise ValueError(f"extra_idx must be an int32 / int64 tensor of shape [S] = {shape(ids)}, got "
+                             f"{extra_idx.dtype} of shape {shape(extra_idx)}")
 
 
 def _validate_ranges(ids: torch.Tensor, num_items: int, extra_idx: torch.Tensor | None, num_extra: int) -> None:
@@ -653,9 +641,9 @@ def _validate_ranges(ids: torch.Tensor, num_items: int, extra_idx: torch.Tensor 
         checks += [extra_idx.min() < -1, extra_idx.max() >= num_extra]
     bad = torch.stack(checks).tolist()
     if bad[0] or bad[1]:
-        raise ValueError(f"ids (shape {_shape(ids)}) must be in -1..{num_items - 1} (-1 = padding)")
+        raise ValueError(f"ids (shape {shape(ids)}) must be in -1..{num_items - 1} (-1 = padding)")
     if extra_idx is not None and (bad[2] or bad[3]):
-        raise ValueError(f"extra_idx (shape {_shape(extra_idx)}) must be in -1..{num_extra - 1} (-1 = none)")
+        raise ValueError(f"extra_idx (shape {shape(extra_idx)}) must be in -1..{num_extra - 1} (-1 = none)")
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -26,11 +26,12 @@ Backward (``dS = P o (dP - delta)`` with ``dP = dO V^T`` and ``delta = rowsum(dO
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from speeder_rt.kernels._checks import INTERPRET, check_tensors_on_one_device, shape
 
 __all__ = ["position_aware_attention", "position_aware_attention_reference"]
 
@@ -38,7 +39,6 @@ __all__ = ["position_aware_attention", "position_aware_attention_reference"]
 # uninitialised, so any element a kernel fails to write shows up.
 DEBUG_POISON_OUTPUTS = False
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = math.log2(math.e)
 _LOG2E_TL: tl.constexpr = tl.constexpr(_LOG2E)  # the same value, readable inside the kernels
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,7 +57,7 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
 
 
 # Query-major kernels (forward, dQ) need BLOCK_M % BLOCK_N == 0; the key-major dK/dV kernel BLOCK_N % BLOCK_M == 0.
-if _INTERPRET:
+if INTERPRET:
     _FWD_CONFIGS = [_config(32, 16, 4, 1)]
     _DKDV_CONFIGS = [_config(16, 32, 4, 1)]
     _DQ_CONFIGS = [_config(32, 16, 4, 1)]
@@ -558,10 +558,6 @@ def _pa_attn_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------------------------
-def _shape(t: torch.Tensor) -> list[int]:
-    return list(t.shape)
-
-
 def _validate(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -574,55 +570,48 @@ def _validate(
     named = {"q": q, "k": k, "v": v, "item_idx": item_idx, "slopes": slopes}
     if attention_mask is not None:
         named["attention_mask"] = attention_mask
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t in named.items():
-        if t.device != q.device:
-            raise ValueError(f"{name} (shape {_shape(t)}) is on {t.device} but q is on {q.device}")
-    if q.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"q (shape {_shape(q)}) is on {q.device}; the kernels need CUDA tensors or TRITON_INTERPRET=1")
+    check_tensors_on_one_device(named, "q")
     for name in ("q", "k", "v"):
         if named[name].dim() != 4:
-            raise ValueError(f"{name} must have shape [B, H, L, D], got shape {_shape(named[name])}")
+            raise ValueError(f"{name} must have shape [B, H, L, D], got shape {shape(named[name])}")
     if q.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"q has unsupported dtype {q.dtype} (shape {_shape(q)}); supported: {_SUPPORTED_DTYPES}")
+        raise ValueError(f"q has unsupported dtype {q.dtype} (shape {shape(q)}); supported: {_SUPPORTED_DTYPES}")
     for name in ("k", "v"):
         if named[name].dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {named[name].dtype} (shape {_shape(named[name])}), q has {q.dtype}")
+            raise ValueError(f"{name} has dtype {named[name].dtype} (shape {shape(named[name])}), q has {q.dtype}")
     batch, num_q_heads, seq_len, head_dim = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {_shape(k)} and v {_shape(v)}")
+        raise ValueError(f"k and v must have the same shape, got k {shape(k)} and v {shape(v)}")
     for name in ("k", "v"):
         t = named[name]
         if (t.shape[0], t.shape[2], t.shape[3]) != (batch, seq_len, head_dim):
             raise ValueError(
-                f"{name} has shape {_shape(t)}; B, L and D must match q's shape {_shape(q)} ([B, H, L, D])"
+                f"{name} has shape {shape(t)}; B, L and D must match q's shape {shape(q)} ([B, H, L, D])"
             )
     num_kv_heads = k.shape[1]
     if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
         raise ValueError(
-            f"the number of query heads in q (shape {_shape(q)}) must be a multiple of the number of kv heads "
-            f"in k (shape {_shape(k)})"
+            f"the number of query heads in q (shape {shape(q)}) must be a multiple of the number of kv heads "
+            f"in k (shape {shape(k)})"
         )
     if head_dim not in _SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q has head dim D={head_dim} (shape {_shape(q)}); supported: {_SUPPORTED_HEAD_DIMS}")
+        raise ValueError(f"q has head dim D={head_dim} (shape {shape(q)}); supported: {_SUPPORTED_HEAD_DIMS}")
     if item_idx.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"item_idx must be int32 or int64, got {item_idx.dtype} (shape {_shape(item_idx)})")
+        raise ValueError(f"item_idx must be int32 or int64, got {item_idx.dtype} (shape {shape(item_idx)})")
     if tuple(item_idx.shape) != (batch, seq_len):
-        raise ValueError(f"item_idx must have shape [B, L] = {[batch, seq_len]}, got shape {_shape(item_idx)}")
+        raise ValueError(f"item_idx must have shape [B, L] = {[batch, seq_len]}, got shape {shape(item_idx)}")
     if not slopes.is_floating_point():
-        raise ValueError(f"slopes must be a floating-point tensor, got {slopes.dtype} (shape {_shape(slopes)})")
+        raise ValueError(f"slopes must be a floating-point tensor, got {slopes.dtype} (shape {shape(slopes)})")
     if tuple(slopes.shape) != (num_q_heads,):
-        raise ValueError(f"slopes must have shape [Hq] = {[num_q_heads]}, got shape {_shape(slopes)}")
+        raise ValueError(f"slopes must have shape [Hq] = {[num_q_heads]}, got shape {shape(slopes)}")
     if attention_mask is not None:
         if attention_mask.dtype != torch.bool:
             raise ValueError(
-                f"attention_mask must be a bool tensor, got {attention_mask.dtype} (shape {_shape(attention_mask)})"
+                f"attention_mask must be a bool tensor, got {attention_mask.dtype} (shape {shape(attention_mask)})"
             )
         if tuple(attention_mask.shape) != (batch, seq_len):
             raise ValueError(
-                f"attention_mask must have shape [B, L] = {[batch, seq_len]}, got shape {_shape(attention_mask)}"
+                f"attention_mask must have shape [B, L] = {[batch, seq_len]}, got shape {shape(attention_mask)}"
             )
 
 

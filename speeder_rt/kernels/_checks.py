@@ -1,0 +1,27 @@
+"""Argument checks shared by the kernels' public functions (run before any launch)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def shape(t: torch.Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def check_tensors_on_one_device(named: dict[str, torch.Tensor], anchor: str) -> None:
+    """Every value is a tensor on ``named[anchor]``'s device, which is CUDA (or any under TRITON_INTERPRET=1);
+    otherwise a ValueError naming the argument and its shape."""
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    device = named[anchor].device
+    for name, t in named.items():
+        if t.device != device:
+            raise ValueError(f"{name} (shape {shape(t)}) is on {t.device} but {anchor} is on {device}")
+    if device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"{anchor} (shape {shape(named[anchor])}) is on {device}; the kernels need CUDA tensors or "
+                         "TRITON_INTERPRET=1")

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from speeder_rt.baselines.sasrec import SASRecConfig, add_collab_features, train_sasrec
@@ -31,3 +32,13 @@ def test_full_catalog_mode_excludes_seen_items(default_data):
     full = evaluate(PopularityScorer(data), data, "test", full_catalog=True, ks=(10,))
     cand = evaluate(PopularityScorer(data), data, "test", ks=(10,))
     assert 0 < full["HR@10"] < cand["HR@10"]
+
+
+def test_sasrec_reads_the_last_real_items_of_right_padded_histories():
+    from speeder_rt.baselines.sasrec import SASRec
+
+    history = np.array([[10, 11, 12, 13, 14, -1], [20, 21, -1, -1, -1, -1]])
+    seq = SASRec.left_pad(history, np.array([5, 2]), max_len=4)
+    assert seq.tolist() == [[12, 13, 14, 15], [0, 0, 21, 22]]
+    with pytest.raises(ValueError, match="epochs"):
+        SASRecConfig(epochs=0)

@@ -217,18 +217,21 @@ def test_parameters_outside_the_stage_trainable_set_stay_bit_identical(tmp_path)
     assert any(n.startswith("mome.experts.image") for n in changed)  # the warm-up trained the new expert
 
 
-def test_resume_from_mid_run_checkpoint_reproduces_uninterrupted_run(tmp_path):
-    cfg_a = tiny_run(tmp_path / "a", checkpoint_every=3)
+# stage 1 has 4 steps and stage 2's warm-up 3: stop inside the warm-up, and right at its last step
+@pytest.mark.parametrize("every, stop", [(3, 6), (7, 7)])
+def test_resume_from_mid_run_checkpoint_reproduces_uninterrupted_run(tmp_path, every, stop):
+    cfg_a = tiny_run(tmp_path / "a", checkpoint_every=every)
     a = Trainer("speeder", cfg_a, *prepared(cfg_a), log=lambda *_: None)
     a.run()
-    cfg_b = tiny_run(tmp_path / "b", checkpoint_every=3)
+    cfg_b = tiny_run(tmp_path / "b", checkpoint_every=every)
     data_b = prepared(cfg_b)
     b1 = Trainer("speeder", cfg_b, *data_b, log=lambda *_: None)
-    b1.run(stop_after_steps=6)  # stage 1 has 4 steps: this stops inside stage 2's warm-up
-    assert b1.progress.global_step == 6
+    b1.run(stop_after_steps=stop)
+    assert b1.progress.global_step == stop
     b2 = Trainer("speeder", cfg_b, *data_b, log=lambda *_: None)
     b2.resume(tmp_path / "b" / "speeder" / "last.pt")
     b2.run()
+    assert b2.progress.global_step == a.progress.global_step
     for (n, pa), (_, pb) in zip(a.model.state_dict().items(), b2.model.state_dict().items()):
         assert torch.equal(pa, pb), n
 
@@ -302,3 +305,29 @@ def test_topk_excludes_every_history_item_in_padded_rows(small):
     assert not {0, 5} & set(ids[0].tolist())
     assert not {7, 0, 3} & set(ids[1].tolist())
     assert torch.isfinite(scores).all()
+
+
+def test_input_checks_and_topk_edge_cases(small):
+    _, table = small
+    model = make_model(table).eval()
+    tokens = model.item_token_table()
+    history = torch.tensor([[4, 9, -1], [-1, -1, -1]])
+    ids, _ = model.topk(history, torch.tensor([2, 0]), 5, tokens)  # an empty history is allowed
+    assert not {4, 9} & set(ids[0].tolist())
+    with pytest.raises(ValueError, match=r"k=118: must be in 1..117"):
+        model.topk(torch.tensor([[1, 2, 3]]), torch.tensor([3]), 118, tokens)
+    cands = torch.tensor([[1, 2]])
+    with pytest.raises(ValueError, match="history_len must be in 0..3"):
+        model(torch.tensor([[1, 2, 3]]), torch.tensor([4]), cands)
+    with pytest.raises(ValueError, match="within history_len"):
+        model(torch.tensor([[1, -1, 3]]), torch.tensor([3]), cands)
+
+
+def test_cached_item_token_table_follows_the_weights(small):
+    _, table = small
+    model = make_model(table)
+    first = model.cached_item_token_table()
+    assert model.cached_item_token_table() is first
+    with torch.no_grad():
+        model.mome.experts["text"].fc2.bias.add_(1.0)
+    assert not torch.equal(model.cached_item_token_table(), first)

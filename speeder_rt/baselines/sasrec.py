@@ -34,6 +34,11 @@ class SASRecConfig:
     eval_every: int = 5
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.eval_every < 1 or self.max_len < 1:
+            raise ValueError(f"SASRecConfig: epochs, eval_every and max_len must be >= 1, got {self.epochs}, "
+                             f"{self.eval_every}, {self.max_len}")
+
 
 class SASRec(nn.Module):
     def __init__(self, num_items: int, cfg: SASRecConfig = SASRecConfig()) -> None:
@@ -67,18 +72,19 @@ class SASRec(nn.Module):
         return self.item_emb.weight[1:].detach()
 
     @staticmethod
-    def left_pad(history: np.ndarray, history_len: np.ndarray) -> torch.Tensor:
-        """Right-padded PAD histories -> left-padded shifted ids."""
-        w = history.shape[1]
-        out = np.zeros_like(history)
+    def left_pad(history: np.ndarray, history_len: np.ndarray, max_len: int) -> torch.Tensor:
+        """Right-padded PAD histories -> left-padded shifted ids of each row's last ``max_len`` real items."""
+        width = min(history.shape[1], max_len)
+        out = np.zeros((len(history), width), dtype=np.int64)
         for r, n in enumerate(history_len):
-            out[r, w - n :] = history[r, :n] + 1
+            keep = min(int(n), width)
+            out[r, width - keep :] = history[r, n - keep : n] + 1
         return torch.from_numpy(out)
 
     @torch.no_grad()
     def score(self, samples: Samples, candidates: torch.Tensor | None) -> torch.Tensor:
         self.eval()
-        seq = self.left_pad(samples.history[:, -self.cfg.max_len :], np.minimum(samples.history_len, self.cfg.max_len))
+        seq = self.left_pad(samples.history, samples.history_len, self.cfg.max_len)
         last = self.hidden_states(seq)[:, -1]
         table = self.item_emb.weight[1:]
         if candidates is None:

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--split", default="test", choices=["test", "valid"])
     parser.add_argument("--full-catalog", action="store_true", help="rank against every item instead of 20 candidates")
-    parser.add_argument("--out", help="metrics JSON (default: <checkpoint dir>/metrics_<split>.json)")
+    parser.add_argument("--out", help="metrics JSON (default: <checkpoint dir>/metrics_<split>[_full_catalog].json)")
     args = parser.parse_args(argv)
     from speeder_rt.train.trainer import load_trained
 
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{kind} on {args.split} ({mode}, {len(data.split(args.split))} users):")
     columns = [c for c in ("VHR@1", "HR@1", "HR@5", "NDCG@10", "MRR", "valid_ratio") if c in metrics]
     print(format_table({kind: metrics}, columns))
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"metrics_{args.split}.json")
+    suffix = "_full_catalog" if args.full_catalog else ""
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"metrics_{args.split}{suffix}.json")
     write_json(out, {"checkpoint": str(args.checkpoint), "split": args.split, "mode": mode, "metrics": metrics})
     print(f"wrote {out}")
     return 0

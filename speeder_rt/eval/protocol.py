@@ -15,15 +15,15 @@ class Scorer(Protocol):
         """Scores [S, K] for ``candidates`` [S, K], or [S, N] over the whole catalog when it is None."""
 
 
-def seen_before_target(data: SequenceData, split: str) -> torch.Tensor:
-    """bool [S, N]: items the user interacted with before the split's target (the target itself excluded)."""
-    samples = data.split(split)
+def seen_before_target(data: SequenceData, split: str, rows: slice = slice(None)) -> torch.Tensor:
+    """bool [S, N] for the split's samples ``rows``: items the user interacted with before the target
+    (the ranking never excludes the target's own column)."""
+    samples = data.split(split).subset(rows)
     offset = {"valid": 2, "test": 1}[split]
     mask = torch.zeros(len(samples), data.num_items, dtype=torch.bool)
     for r, u in enumerate(samples.users):
         seq = data.sequences[int(u)]
         mask[r, torch.from_numpy(seq[: len(seq) - offset])] = True
-        mask[r, int(samples.target[r])] = False
     return mask
 
 
@@ -36,7 +36,7 @@ def evaluate(scorer: Scorer, data: SequenceData, split: str = "test", full_catal
         part = samples.subset(slice(a, a + batch_size))
         if full_catalog:
             scores = scorer.score(part, None)
-            exclude = seen_before_target(data, split)[a : a + batch_size]
+            exclude = seen_before_target(data, split, slice(a, a + batch_size))
             ranks.append(ranks_from_scores(scores, torch.from_numpy(part.target), exclude))
         else:
             scores = scorer.score(part, torch.from_numpy(part.candidates))

@@ -238,6 +238,9 @@ def load_runner(directory: str | Path, device: str | None = None) -> tuple[Runne
     artifacts = {name: g["file"] for name, g in meta["graphs"].items()}
     if meta["engine"] == "trt" and not trt_engine.available():
         raise ValueError(trt_engine.INSTALL_HINT)
+    if device is not None and meta["engine"] != "onnx" and device != meta["device"]:
+        raise ValueError(f"{directory}: a {meta['engine']} export is compiled for {meta['device']}; it cannot run "
+                         f"on {device} (only ONNX exports choose their device at load time)")
     return _runner(meta["engine"], directory, artifacts, meta["topk"], device or meta["device"]), meta
 
 

@@ -25,3 +25,10 @@ def check_tensors_on_one_device(named: dict[str, torch.Tensor], anchor: str) -> 
     if device.type != "cuda" and not INTERPRET:
         raise ValueError(f"{anchor} (shape {shape(named[anchor])}) is on {device}; the kernels need CUDA tensors or "
                          "TRITON_INTERPRET=1")
+
+
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension is contiguous (or it is a scalar), else a contiguous copy: the
+    kernels address the last dimension with unit stride and take every other stride as given, so e.g.
+    transposed [B, L, H, D] attention views are used in place."""
+    return t if t.dim() == 0 or t.stride(-1) == 1 else t.contiguous()

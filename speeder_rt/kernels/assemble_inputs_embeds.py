@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from speeder_rt.kernels._checks import INTERPRET, check_tensors_on_one_device, shape
+from speeder_rt.kernels._checks import INTERPRET, check_tensors_on_one_device, shape, unit_last_stride
 
 __all__ = ["assemble_inputs_embeds", "assemble_inputs_embeds_reference"]
 
@@ -184,10 +184,6 @@ def _validate(
         raise ValueError(f"template_ids (shape {shape(template_ids)}) must be in 0..{vocab - 1}")
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def assemble_inputs_embeds(
     item_table: torch.Tensor,
     history: torch.Tensor,
@@ -226,14 +222,14 @@ def assemble_inputs_embeds(
     d = item_table.shape[1]
     length = p + width + mi + num_candidates + suf + 1
     device = item_table.device
-    item_table, recency, embed_weight = (_unit_last_stride(t) for t in (item_table, recency, embed_weight))
+    item_table, recency, embed_weight = (unit_last_stride(t) for t in (item_table, recency, embed_weight))
     candidate_embedding = candidate_embedding.contiguous()
     # Empty [B, 0] id tensors may have no storage: give the kernel a real (never read) pointer instead.
     dummy = None
     if width == 0 or num_candidates == 0:
         dummy = torch.zeros((max(batch, 1), 1), dtype=torch.int64, device=device)
-    history = dummy if width == 0 else _unit_last_stride(history)
-    candidates = dummy if num_candidates == 0 else _unit_last_stride(candidates)
+    history = dummy if width == 0 else unit_last_stride(history)
+    candidates = dummy if num_candidates == 0 else unit_last_stride(candidates)
     history_len, template_ids = history_len.contiguous(), template_ids.contiguous()
 
     if DEBUG_POISON_OUTPUTS:

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from speeder_rt.kernels._checks import INTERPRET, check_tensors_on_one_device, shape
+from speeder_rt.kernels._checks import INTERPRET, check_tensors_on_one_device, shape, unit_last_stride
 
 __all__ = ["ExpertParams", "item_token_projection", "item_token_projection_reference", "mome_parameters"]
 
@@ -652,10 +652,6 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dim() == 0 or t.stride(-1) == 1 else t.contiguous()
-
-
 def _pad4(items: Sequence, fill):
     items = list(items)
     return items + [fill] * (MAX_MODALITIES - len(items))
@@ -670,7 +666,7 @@ class _ItemTokenProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, num_mod, needs_grad, ids, active, extra_idx, extra_table, gate_w, gate_b, *tensors):
-        features = [_unit_last_stride(f) for f in tensors[:num_mod]]
+        features = [unit_last_stride(f) for f in tensors[:num_mod]]
         flat = tensors[num_mod:]
         experts = [ExpertParams(*flat[6 * m: 6 * m + 6]) for m in range(num_mod)]
         device, dtype = ids.device, gate_w.dtype
@@ -737,7 +733,7 @@ class _ItemTokenProjection(torch.autograd.Function):
         dims = [f.shape[1] for f in features]
         sum_d = sum(dims)
         offsets = [sum(dims[:m]) for m in range(num_mod)]
-        grad_out = _unit_last_stride(grad_out.to(dtype))
+        grad_out = unit_last_stride(grad_out.to(dtype))
         active_u8 = active.view(torch.uint8)
 
         if seq == 0:
@@ -836,10 +832,10 @@ def item_token_projection(
     _validate(ids, features, active, experts, gate_w, gate_b, extra_table, extra_idx)
     if validate:
         _validate_ranges(ids, features[0].shape[0], extra_idx, 0 if extra_table is None else extra_table.shape[0])
-    flat = [_unit_last_stride(t) for e in experts for t in e]
-    gate_w, gate_b = _unit_last_stride(gate_w), _unit_last_stride(gate_b)
+    flat = [unit_last_stride(t) for e in experts for t in e]
+    gate_w, gate_b = unit_last_stride(gate_w), unit_last_stride(gate_b)
     if extra_table is not None:
-        extra_table = _unit_last_stride(extra_table)
+        extra_table = unit_last_stride(extra_table)
         extra_idx = extra_idx.contiguous()
     ids = ids.contiguous()
     differentiable = [gate_w, gate_b, *flat] + ([extra_table] if extra_table is not None else [])

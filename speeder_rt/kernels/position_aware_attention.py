@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from speeder_rt.kernels._checks import INTERPRET, check_tensors_on_one_device, shape
+from speeder_rt.kernels._checks import INTERPRET, check_tensors_on_one_device, shape, unit_last_stride
 
 __all__ = ["position_aware_attention", "position_aware_attention_reference"]
 
@@ -615,12 +615,6 @@ def _validate(
             )
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    """The kernels address the head dim with unit stride and take every other stride as given, so only a
-    non-unit last stride costs a copy (transposed [B, L, H, D] views are used in place)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _alloc_like(t: torch.Tensor) -> torch.Tensor:
     """Same shape, dtype and (for dense tensors) strides as ``t``, so e.g. the output keeps q's layout."""
     if DEBUG_POISON_OUTPUTS:
@@ -682,7 +676,7 @@ class _PositionAwareAttention(torch.autograd.Function):
         has_mask = attention_mask is not None
         mask_arg, stride_mb, stride_ml = _mask_args(attention_mask, item_idx)
         seq_bucket = triton.next_power_of_2(seq_len)
-        grad_out = _unit_last_stride(grad_out)
+        grad_out = unit_last_stride(grad_out)
 
         delta = _alloc((batch, num_q_heads, seq_len), q.device)
         _pa_attn_bwd_preprocess_kernel[(triton.cdiv(seq_len, _PREPROCESS_BLOCK_M), batch * num_q_heads)](
@@ -751,7 +745,7 @@ def position_aware_attention(
     """
     _validate(q, k, v, item_idx, slopes, attention_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     return _PositionAwareAttention.apply(q, k, v, item_idx, slopes, attention_mask, bool(causal), scale)
 
 

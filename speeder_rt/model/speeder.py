@@ -151,7 +151,7 @@ class SpeederModel(nn.Module):
         if width > self.cfg.max_history:
             raise ValueError(f"history width {width} exceeds max_history={self.cfg.max_history}")
         lay = layout(history_len, width, candidates.shape[1], self.template_sizes)
-        if item_tokens is not None and self.fused_item_path:
+        if item_tokens is not None and self.fused_item_path and not torch.is_grad_enabled():  # inference-only kernel
             from speeder_rt.kernels import assemble_inputs_embeds
 
             embeds, _, _ = assemble_inputs_embeds(
@@ -189,7 +189,7 @@ class SpeederModel(nn.Module):
     def forward(self, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor,
                 item_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Scores [B, K] (float32) of each candidate; ``item_tokens``: a precomputed table (inference)."""
-        self._check_ids(history, history_len, candidates)
+        self.check_inputs(history, history_len, candidates)
         embeds, lay, cand_tok = self.prompt(history, history_len, candidates, item_tokens)
         query = self.pred_state(embeds, lay)
         return torch.einsum("bd,bkd->bk", query.float(), cand_tok.float())
@@ -198,45 +198,78 @@ class SpeederModel(nn.Module):
         """Listwise cross-entropy over the K candidates."""
         return F.cross_entropy(self(history, history_len, candidates), label)
 
+    def catalog_scores(self, history: torch.Tensor, history_len: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
+        """Scores [B, N] of every catalog item; the prompt carries no candidates."""
+        self.check_inputs(history, history_len, history[:, :0])
+        empty = torch.zeros(history.shape[0], 0, dtype=torch.int64, device=history.device)
+        embeds, lay, _ = self.prompt(history, history_len, empty, item_tokens)
+        return self.pred_state(embeds, lay).float() @ item_tokens.float().T
+
     @torch.no_grad()
     def topk(self, history: torch.Tensor, history_len: torch.Tensor, k: int, item_tokens: torch.Tensor,
              exclude_history: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-catalog top-k: (item ids [B, k], scores [B, k]); the prompt carries no candidates."""
-        if k > self.num_items:
-            raise ValueError(f"k={k} exceeds the catalog size {self.num_items}")
-        empty = torch.zeros(history.shape[0], 0, dtype=torch.int64, device=history.device)
-        embeds, lay, _ = self.prompt(history, history_len, empty, item_tokens)
-        scores = self.pred_state(embeds, lay).float() @ item_tokens.float().T
+        """Full-catalog top-k: (item ids [B, k], scores [B, k]), the history's items excluded by default."""
+        scores = self.catalog_scores(history, history_len, item_tokens)
         if exclude_history:
-            # padding entries point at the row's first item, which is excluded anyway
-            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, torch.where(history >= 0, history, history[:, :1]), True)
+            # padding (and an empty history) scatters into an extra column that is dropped
+            seen = torch.zeros(scores.shape[0], self.num_items + 1, dtype=torch.bool, device=scores.device)
+            seen.scatter_(1, torch.where(history >= 0, history, self.num_items), True)
+            seen = seen[:, : self.num_items]
             scores = scores.masked_fill(seen, float("-inf"))
+            left = int((~seen).sum(1).min()) if len(seen) else self.num_items
+        else:
+            left = self.num_items
+        if not 1 <= k <= left:
+            raise ValueError(f"k={k}: must be in 1..{left} (the catalog's {self.num_items} items less each "
+                             "history's own)")
         top = scores.topk(k, dim=1)
         return top.indices, top.values
 
-    def _check_ids(self, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor) -> None:
-        if history.ndim != 2 or candidates.ndim != 2 or history_len.shape != (history.shape[0],) or candidates.shape[0] != history.shape[0]:
+    def check_inputs(self, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor) -> None:
+        """Shapes, then every range in one host sync: ids in the catalog, 0 <= history_len <= W."""
+        if (history.ndim != 2 or candidates.ndim != 2 or history_len.shape != (history.shape[0],)
+                or candidates.shape[0] != history.shape[0]):
             raise ValueError(f"history [B, W], history_len [B], candidates [B, K] expected; got {list(history.shape)}, "
                              f"{list(history_len.shape)}, {list(candidates.shape)}")
-        if candidates.numel() and (candidates.min() < 0 or candidates.max() >= self.num_items):
-            raise ValueError(f"candidate ids must be in 0..{self.num_items - 1}")
-        if history.numel() and history.max() >= self.num_items:
-            raise ValueError(f"history ids must be < {self.num_items}")
+        if history.shape[0] == 0:
+            return
+        n = self.num_items
+        cand = candidates if candidates.numel() else torch.zeros(1, dtype=torch.int64, device=history.device)
+        hist = history if history.numel() else torch.zeros(1, dtype=torch.int64, device=history.device)
+        real = torch.arange(history.shape[1], device=history.device)[None, :] < history_len[:, None]
+        bad_cand, bad_hist, bad_len = torch.stack([
+            ((cand < 0) | (cand >= n)).any(), (hist >= n).any() | (real & (history < 0)).any(),
+            ((history_len < 0) | (history_len > history.shape[1])).any(),
+        ]).tolist()
+        if bad_cand:
+            raise ValueError(f"candidate ids must be in 0..{n - 1}")
+        if bad_hist:
+            raise ValueError(f"history ids must be in 0..{n - 1} within history_len (negative = padding after it)")
+        if bad_len:
+            raise ValueError(f"history_len must be in 0..{history.shape[1]} (the history width)")
 
     # -- evaluation protocol -------------------------------------------------------------------
+    def cached_item_token_table(self) -> torch.Tensor:
+        """``item_token_table()``, recomputed only when a MoME weight, a feature or the enabled set changed
+        (keyed by the tensors' storage and in-place version counters, which every optimizer step bumps)."""
+        tensors = [*self.mome.parameters(), self.available, self.enabled,
+                   *(getattr(self, f"features_{m}") for m in self.cfg.modalities)]
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if getattr(self, "_table_key", None) != key:
+            self._table, self._table_key = self.item_token_table(), key
+        return self._table
+
     @torch.no_grad()
     def score(self, samples: Samples, candidates: torch.Tensor | None) -> torch.Tensor:
         """The ``speeder_rt.eval.protocol.Scorer`` interface (uses the precomputed item-token table)."""
         was_training = self.training
         self.eval()
         device = self.available.device
-        table = self.item_token_table()
+        table = self.cached_item_token_table()
         history = torch.from_numpy(samples.history).to(device)
         history_len = torch.from_numpy(samples.history_len).to(device)
         if candidates is None:
-            empty = torch.zeros(len(samples), 0, dtype=torch.int64, device=device)
-            embeds, lay, _ = self.prompt(history, history_len, empty, table)
-            scores = self.pred_state(embeds, lay).float() @ table.float().T
+            scores = self.catalog_scores(history, history_len, table)
         else:
             scores = self(history, history_len, candidates.to(device), item_tokens=table)
         self.train(was_training)

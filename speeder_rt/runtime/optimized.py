@@ -94,14 +94,7 @@ class OptimizedSpeeder:
                              f"{list(history.shape)}, {list(history_len.shape)}, {list(candidates.shape)}")
         if width > self.history_buckets[-1]:
             raise ValueError(f"history width {width} exceeds max_history={self.history_buckets[-1]}")
-        n = self.model.num_items
-        flags = torch.stack([  # one host synchronisation for all checks
-            (candidates < 0).any() | (candidates >= n).any(), (history >= n).any(),
-            (history_len < 0).any() | (history_len > width).any()]).tolist()
-        for bad, message in zip(flags, (f"candidate ids must be in 0..{n - 1}", f"history ids must be < {n}",
-                                        f"history_len must be in 0..{width} (the history width)")):
-            if bad:
-                raise ValueError(message)
+        self.model.check_inputs(history, history_len, candidates)
 
     def _pad(self, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor,
              rows: int, width: int) -> Inputs:

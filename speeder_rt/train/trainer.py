@@ -186,7 +186,8 @@ class Trainer:
                  "progress": dataclasses.asdict(self.progress), "table_dir": str(Path(self.cfg.out_dir) / "items")}
         if full:
             state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                         rng=torch.get_rng_state())
+                         rng=torch.get_rng_state(),
+                         cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         return state
 
     def save(self, name: str, full: bool = True) -> Path:
@@ -205,6 +206,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
+        if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         self.log(f"resumed from {path} at phase {self.progress.phase}, epoch {self.progress.epoch}, "
                  f"step {self.progress.step_in_epoch} (global step {self.progress.global_step})")
 
@@ -236,7 +239,7 @@ class Trainer:
                 bar = tqdm(total=len(batches), initial=p.step_in_epoch, disable=not self.cfg.train.progress,
                            desc=f"{self.kind} {phase.name} stage {phase.stage} epoch {p.epoch}", leave=False)
                 tic, seen = time.perf_counter(), 0
-                while p.step_in_epoch < len(batches):
+                while p.step_in_epoch < len(batches) and not self._warmup_done(phase):
                     idx = batches[p.step_in_epoch]
                     loss = self._loss(samples, idx)
                     self.optimizer.zero_grad(set_to_none=True)
@@ -255,11 +258,9 @@ class Trainer:
                         if stop_after_steps is not None and p.global_step >= stop_after_steps:
                             bar.close()
                             return {}
-                    if phase.name == "warmup" and p.global_step - self._phase_start_step() >= phase.steps:
-                        break
                 bar.close()
                 if phase.name == "warmup":
-                    if p.global_step - self._phase_start_step() >= phase.steps:
+                    if self._warmup_done(phase):
                         break
                     p.epoch, p.step_in_epoch = p.epoch + 1, 0
                     continue
@@ -276,6 +277,11 @@ class Trainer:
                 self._start_phase(p.phase)
         self.save("last.pt")
         return last_metrics
+
+    def _warmup_done(self, phase: Phase) -> bool:
+        """A warm-up phase ends after ``phase.steps`` steps (checked before each step, so a resume from a
+        checkpoint taken at its last step goes straight on to the next phase)."""
+        return phase.name == "warmup" and self.progress.global_step - self._phase_start_step() >= phase.steps
 
     def _phase_start_step(self) -> int:
         """Global step at which the current phase began (steps of earlier phases are fixed by the schedule)."""

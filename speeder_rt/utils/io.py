@@ -62,7 +62,12 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)  # put the previous content back
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from speeder_rt.kernels import cpp_ops
-from speeder_rt.kernels.assemble_inputs_embeds import assemble_inputs_embeds_reference as model_prompt_reference
+from speeder_rt.model.prompt import assemble_inputs_embeds_reference
 
 needs_ext = pytest.mark.skipif(not cpp_ops.HAS_EXTENSION,
                                reason="speeder_rt._C is not built (make test, or pip install --no-build-isolation -e .)")
@@ -53,18 +53,6 @@ def assert_same(got, want):
 
 
 # -- assemble_inputs_embeds ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("shape", [
-    dict(),                                                  # odd d
-    dict(batch=1, width=1, num_candidates=1, dim=64),        # vector-width d
-    dict(batch=5, width=7, num_candidates=0, sizes=(3, 2, 0)),  # the top-k prompt: no candidates, no suffix
-    dict(batch=2, width=3, num_candidates=2, sizes=(0, 0, 0), dim=1),
-])
-def test_reference_is_the_models_prompt(dtype, shape):
-    args, sizes = prompt_case(dtype, **shape)
-    assert_same(cpp_ops.assemble_inputs_embeds_reference(*args, sizes), model_prompt_reference(*args, sizes))
-
-
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -80,7 +68,7 @@ def test_assemble_inputs_embeds_matches_every_implementation(device, dtype, shap
         pytest.skip("the CUDA kernel takes float32 / float16 / bfloat16")
     needs_kernel("assemble_inputs_embeds", device)
     args, sizes = prompt_case(dtype, device=device, **shape)
-    want = cpp_ops.assemble_inputs_embeds_reference(*args, sizes)
+    want = assemble_inputs_embeds_reference(*args, sizes)
     assert_same(torch.ops.speeder.assemble_inputs_embeds(*args, *sizes), want)
     assert cpp_ops.implementation("assemble_inputs_embeds", device) == "cpp"
     assert_same(cpp_ops.assemble_inputs_embeds(*args, sizes), want)
@@ -98,7 +86,7 @@ def test_assemble_inputs_embeds_takes_int32_ids_strided_tables_and_unread_garbag
     garbage = torch.where(history >= 0, history, 10**9)  # ids past history_len are never read
     got = torch.ops.speeder.assemble_inputs_embeds(strided, garbage, history_len.int(), candidates, recency, cemb,
                                                    template_ids.int(), embed, *sizes)
-    assert_same(got, cpp_ops.assemble_inputs_embeds_reference(*args, sizes))
+    assert_same(got, assemble_inputs_embeds_reference(*args, sizes))
 
 
 @needs_ext

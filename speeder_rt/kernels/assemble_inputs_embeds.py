@@ -269,20 +269,10 @@ def assemble_inputs_embeds_reference(
     *,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``SpeederModel.prompt`` with a precomputed item-token table, in plain PyTorch (prompt.py's ``layout`` and
-    ``assemble_inputs_embeds_reference``). ``validate`` is accepted for signature parity and ignored."""
+    """``speeder_rt.model.prompt.assemble_inputs_embeds_reference`` (the plain PyTorch definition); ``validate``
+    is accepted for signature parity and ignored."""
     # Imported here: importing speeder_rt.model loads the backbone stack, which the kernel itself does not need.
-    from speeder_rt.model.prompt import assemble_inputs_embeds_reference as prompt_assemble_reference
-    from speeder_rt.model.prompt import layout
+    from speeder_rt.model.prompt import assemble_inputs_embeds_reference as reference
 
-    width = history.shape[1]
-    dtype = item_table.dtype
-    hist_tok = item_table[history.clamp(min=0)] * (history >= 0)[..., None].to(dtype)
-    pos = torch.arange(width, device=history.device)[None, :]
-    rec = (history_len[:, None].long() - 1 - pos).clamp(min=0)
-    hist_in = hist_tok + recency[rec] * (pos < history_len[:, None])[..., None].to(dtype)
-    cand_in = item_table[candidates] + candidate_embedding
-    lay = layout(history_len, width, candidates.shape[1], tuple(int(s) for s in template_sizes))
-    template_emb = embed_weight[template_ids.long()]
-    embeds = prompt_assemble_reference(template_emb, hist_in, cand_in, lay)
-    return embeds, lay.item_idx, lay.token_mask
+    return reference(item_table, history, history_len, candidates, recency, candidate_embedding, template_ids,
+                     embed_weight, template_sizes)

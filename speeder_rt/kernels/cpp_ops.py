@@ -42,7 +42,7 @@ try:
 except ImportError:  # no triton
     triton_assemble_inputs_embeds = None
 
-__all__ = ["HAS_EXTENSION", "assemble_inputs_embeds", "assemble_inputs_embeds_reference", "has_kernel", "implementation",
+__all__ = ["HAS_EXTENSION", "assemble_inputs_embeds", "has_kernel", "implementation",
            "score_candidates", "score_candidates_reference", "score_topk", "score_topk_reference"]
 
 OPS = ("assemble_inputs_embeds", "score_topk", "score_candidates")
@@ -83,24 +83,7 @@ def assemble_inputs_embeds(item_table: torch.Tensor, history: torch.Tensor, hist
         return torch.ops.speeder.assemble_inputs_embeds(*args, *(int(s) for s in template_sizes))
     if impl == "triton":
         return triton_assemble_inputs_embeds(*args, tuple(template_sizes))
-    return assemble_inputs_embeds_reference(*args, template_sizes)
-
-
-def assemble_inputs_embeds_reference(item_table: torch.Tensor, history: torch.Tensor, history_len: torch.Tensor,
-                                     candidates: torch.Tensor, recency: torch.Tensor, candidate_embedding: torch.Tensor,
-                                     template_ids: torch.Tensor, embed_weight: torch.Tensor,
-                                     template_sizes: tuple[int, int, int]
-                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``SpeederModel.prompt``'s arithmetic with a precomputed table, in PyTorch (no argument checks)."""
-    width = history.shape[1]
-    slot = torch.arange(width, device=history.device)[None, :]
-    real = slot < history_len[:, None]
-    recency_rows = (history_len[:, None].long() - 1 - slot).clamp(min=0)
-    hist_in = item_table[torch.where(real, history, 0)] + recency[recency_rows]  # slots past n are never gathered
-    cand_in = item_table[candidates] + candidate_embedding
-    lay = prompt.layout(history_len, width, candidates.shape[1], tuple(int(s) for s in template_sizes))
-    embeds = prompt.assemble_inputs_embeds_reference(embed_weight[template_ids.long()], hist_in, cand_in, lay)
-    return embeds, lay.item_idx, lay.token_mask
+    return prompt.assemble_inputs_embeds_reference(*args, template_sizes)
 
 
 # -- scoring -----------------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def layout(history_len: torch.Tensor, width: int, num_candidates: int, sizes: tu
     return PromptLayout(source, token_mask, item_idx, end_suf[:, 0], cand_pos)
 
 
-def assemble_inputs_embeds_reference(
+def gather_inputs_embeds(
     template_emb: torch.Tensor, history_tokens: torch.Tensor, candidate_tokens: torch.Tensor, lay: PromptLayout
 ) -> torch.Tensor:
     """inputs_embeds [B, L, d]: one gather from ``[template_emb; history_tokens[b]; candidate_tokens[b]]``.
@@ -97,3 +97,30 @@ def assemble_inputs_embeds_reference(
     index = lay.source[..., None].expand(-1, -1, source.shape[-1])
     out = source.gather(1, index)
     return out * lay.token_mask[..., None].to(out.dtype)
+
+
+def assemble_prompt(history_tokens: torch.Tensor, history_len: torch.Tensor, candidate_tokens: torch.Tensor,
+                    recency: torch.Tensor, candidate_embedding: torch.Tensor, template_emb: torch.Tensor,
+                    template_sizes: tuple[int, int, int]) -> tuple[torch.Tensor, PromptLayout]:
+    """(inputs_embeds, layout) from item tokens: history slot j < n gets ``recency[n - 1 - j]`` (0 = the most
+    recent item), every candidate ``candidate_embedding``; then one gather lays out the prompt."""
+    width = history_tokens.shape[1]
+    slot = torch.arange(width, device=history_len.device)[None, :]
+    rows = (history_len[:, None].long() - 1 - slot).clamp(min=0)
+    real = (slot < history_len[:, None])[..., None].to(history_tokens.dtype)
+    history_in = history_tokens + recency[rows] * real
+    lay = layout(history_len, width, candidate_tokens.shape[1], tuple(int(x) for x in template_sizes))
+    return gather_inputs_embeds(template_emb, history_in, candidate_tokens + candidate_embedding, lay), lay
+
+
+def assemble_inputs_embeds_reference(
+    item_table: torch.Tensor, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor,
+    recency: torch.Tensor, candidate_embedding: torch.Tensor, template_ids: torch.Tensor, embed_weight: torch.Tensor,
+    template_sizes: tuple[int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inference prompt from a precomputed item-token table, in plain PyTorch: (inputs_embeds, item_idx,
+    token_mask). The reference of the Triton and C++ ``assemble_inputs_embeds``."""
+    history_tokens = item_table[history.clamp(min=0)] * (history >= 0)[..., None].to(item_table.dtype)
+    embeds, lay = assemble_prompt(history_tokens, history_len, item_table[candidates], recency, candidate_embedding,
+                                  embed_weight[template_ids.long()], template_sizes)
+    return embeds, lay.item_idx, lay.token_mask

@@ -26,7 +26,7 @@ from speeder_rt.data.sequences import PAD, Samples
 from speeder_rt.model import attention
 from speeder_rt.model.backbone import BackboneConfig, apply_lora, load_backbone
 from speeder_rt.model.mome import MixtureOfModalityExperts
-from speeder_rt.model.prompt import PromptLayout, TemplateConfig, assemble_inputs_embeds_reference, layout, template_ids
+from speeder_rt.model.prompt import PromptLayout, TemplateConfig, assemble_prompt, layout, template_ids
 
 
 @dataclass
@@ -150,26 +150,22 @@ class SpeederModel(nn.Module):
         width = history.shape[1]
         if width > self.cfg.max_history:
             raise ValueError(f"history width {width} exceeds max_history={self.cfg.max_history}")
-        lay = layout(history_len, width, candidates.shape[1], self.template_sizes)
+        template_emb = self.decoder.get_input_embeddings()(self.template)
         if item_tokens is not None and self.fused_item_path and not torch.is_grad_enabled():  # inference-only kernel
             from speeder_rt.kernels import assemble_inputs_embeds
 
             embeds, _, _ = assemble_inputs_embeds(
                 item_tokens, history, history_len, candidates, self.recency.weight, self.candidate_embedding,
                 self.template, self.decoder.get_input_embeddings().weight, self.template_sizes, validate=False)
-            return embeds, lay, item_tokens[candidates]
+            return embeds, layout(history_len, width, candidates.shape[1], self.template_sizes), item_tokens[candidates]
         if item_tokens is None:
             hist_tok, cand_tok = self.item_tokens(history), self.item_tokens(candidates)
         else:
             hist_tok = item_tokens[history.clamp(min=0)] * (history >= 0)[..., None].to(item_tokens.dtype)
             cand_tok = item_tokens[candidates]
-        # recency r = n - j for 1-based history position j
-        pos = torch.arange(width, device=history.device)[None, :]
-        recency = (history_len[:, None] - 1 - pos).clamp(min=0)
-        hist_in = hist_tok + self.recency(recency) * (pos < history_len[:, None])[..., None].to(hist_tok.dtype)
-        cand_in = cand_tok + self.candidate_embedding
-        template_emb = self.decoder.get_input_embeddings()(self.template)
-        return assemble_inputs_embeds_reference(template_emb, hist_in, cand_in, lay), lay, cand_tok
+        embeds, lay = assemble_prompt(hist_tok, history_len, cand_tok, self.recency.weight, self.candidate_embedding,
+                                      template_emb, self.template_sizes)
+        return embeds, lay, cand_tok
 
     def pred_state(self, inputs_embeds: torch.Tensor, lay: PromptLayout) -> torch.Tensor:
         """The decoder's final hidden state at PRED through the head, scaled by d_h^-1/2 so that its dot

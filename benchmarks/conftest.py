@@ -34,9 +34,10 @@ import common  # noqa: E402
 import report  # noqa: E402
 
 from speeder_rt.model.backbone import SHAPES  # noqa: E402
+from speeder_rt.model.speeder import SpeederConfig  # noqa: E402
 
 _REPORT = pytest.StashKey[tuple[dict, list[Path]]]()
-MAX_HISTORY = 50  # SpeederConfig's default recency table
+MAX_HISTORY = SpeederConfig.max_history  # the default recency table size
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from speeder_rt.utils.io import atomic_path
+
 CLAIMS = {"training": 2.5, "inference": 4.0}  # the paper's speedups over MLLM-based recommenders
 # (suite, method) -> the name a method goes by in the report
 METHODS = {("inference", "speeder"): "speeder", ("runtime", "optimized"): "speeder_optimized",
@@ -209,16 +211,18 @@ def chart(report: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("speedup")
     fig.suptitle(headline(report)[0], fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
 def write(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """report.json, report.md, report.png and summary.txt in ``out_dir`` (created)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / name for name in ("report.json", "report.md", "report.png", "summary.txt")]
-    paths[0].write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
-    paths[1].write_text(markdown(report), encoding="utf-8")
-    chart(report, paths[2])
-    paths[3].write_text(text(report), encoding="utf-8")
+    writers = (lambda f: f.write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8"),
+               lambda f: f.write_text(markdown(report), encoding="utf-8"),
+               lambda f: chart(report, f),
+               lambda f: f.write_text(text(report), encoding="utf-8"))
+    for path, write_to in zip(paths, writers):
+        with atomic_path(path) as tmp:  # an interrupted run never leaves a truncated report
+            write_to(tmp)
     return paths

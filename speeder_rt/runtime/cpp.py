@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 from speeder_rt.export.graph import Ranges
-from speeder_rt.runtime.recommender import Ids
+from speeder_rt.runtime.recommender import Ids, as_ids, parse_histories
 
 try:
     from speeder_rt import _C
@@ -58,51 +58,21 @@ class CppRecommender:
 
     def recommend(self, history_ids: Ids, candidate_ids: Ids) -> np.ndarray:
         """Scores float32 [B, K] of each user's K candidates (higher = more likely next)."""
-        scores = self._native.recommend(_histories(history_ids), _rows(candidate_ids, "candidate_ids"))
+        scores = self._native.recommend(_lists(parse_histories(history_ids)),
+                                        as_ids(candidate_ids, "candidate_ids", ndim=2).tolist())
         return np.asarray(scores, dtype=np.float32)
 
     def recommend_batch(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[np.ndarray]:
         """Scores float32 [K_i] per (history, candidates) request; requests with the same K run batched together."""
-        pairs = [(_ids(h, f"requests[{i}].history"), _ids(c, f"requests[{i}].candidates"))
-                 for i, (h, c) in enumerate(requests)]
+        pairs = [(as_ids(h, f"requests[{i}].history", ndim=1).tolist(),
+                  as_ids(c, f"requests[{i}].candidates", ndim=1).tolist()) for i, (h, c) in enumerate(requests)]
         return [np.asarray(s, dtype=np.float32) for s in self._native.recommend_batch(pairs)]
 
     def topk(self, history_ids: Ids, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(item ids int64 [B, k], scores float32 [B, k]) over the whole catalog, history items excluded."""
-        ids, scores = self._native.topk(_histories(history_ids), int(k))
+        ids, scores = self._native.topk(_lists(parse_histories(history_ids)), int(k))
         return np.asarray(ids, dtype=np.int64).reshape(-1, k), np.asarray(scores, dtype=np.float32).reshape(-1, k)
 
 
-def _ids(row: Any, what: str) -> list[int]:
-    arr = np.asarray(row.detach().cpu() if isinstance(row, torch.Tensor) else row)
-    if arr.ndim != 1 or arr.dtype == object:
-        raise ValueError(f"{what}: expected a list of item ids, got {type(row).__name__} of shape {list(arr.shape)}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{what}: item ids must be integers, got dtype {arr.dtype}")
-    return arr.astype(np.int64).tolist()
-
-
-def _array(ids: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
-    arr = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else ids
-    if arr.ndim != 2:
-        raise ValueError(f"{what}: expected a 2-D batch [B, K] (rows of equal length), got shape {list(arr.shape)}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{what}: item ids must be integers, got dtype {arr.dtype}")
-    return arr.astype(np.int64)
-
-
-def _rows(ids: Ids, what: str) -> list[list[int]]:
-    if isinstance(ids, (np.ndarray, torch.Tensor)):
-        return _array(ids, what).tolist()
-    return [_ids(row, f"{what}[{i}]") for i, row in enumerate(ids)]
-
-
-def _histories(ids: Ids) -> list[list[int]]:
-    """Lists of real items; a padded 2-D array loses its negative padding (which must follow the real items)."""
-    if not isinstance(ids, (np.ndarray, torch.Tensor)):
-        return _rows(ids, "history_ids")
-    arr = _array(ids, "history_ids")
-    real = arr >= 0
-    if (real[:, 1:] & ~real[:, :-1]).any():
-        raise ValueError("history_ids: padding (negative ids) must come after a row's real items")
-    return [row[mask].tolist() for row, mask in zip(arr, real)]
+def _lists(rows: list[np.ndarray]) -> list[list[int]]:
+    return [row.tolist() for row in rows]

@@ -78,7 +78,7 @@ class Recommender:
     def recommend(self, history_ids: Ids, candidate_ids: Ids) -> np.ndarray:
         """Scores float32 [B, K] of each user's K candidates (higher = more likely next)."""
         history = self._histories(history_ids)
-        cands = _as_ids(candidate_ids, "candidate_ids", ndim=2)
+        cands = as_ids(candidate_ids, "candidate_ids", ndim=2)
         if cands.shape[0] != len(history):
             raise ValueError(f"candidate_ids has {cands.shape[0]} rows for {len(history)} histories")
         if not 1 <= cands.shape[1] <= self.ranges.max_candidates:
@@ -109,17 +109,8 @@ class Recommender:
             raise ValueError(f"{what}: item ids must be in 0..{self.num_items - 1}")
 
     def _histories(self, history_ids: Ids) -> list[np.ndarray]:
-        """One int64 array of real items per user, validated."""
-        if isinstance(history_ids, (np.ndarray, torch.Tensor)):
-            arr = _as_ids(history_ids, "history_ids", ndim=2)
-            real = arr >= 0
-            if (real[:, 1:] & ~real[:, :-1]).any():
-                raise ValueError("history_ids: padding (negative ids) must come after a row's real items")
-            rows = [row[mask] for row, mask in zip(arr, real)]
-        else:
-            rows = [_as_ids(r, f"history_ids[{i}]", ndim=1) for i, r in enumerate(history_ids)]
-        if not rows:
-            raise ValueError("history_ids: empty batch")
+        """One int64 array of real items per user, validated against this export."""
+        rows = parse_histories(history_ids)
         for i, row in enumerate(rows):
             if len(row) == 0:
                 raise ValueError(f"history_ids[{i}]: empty history (at least one item is needed)")
@@ -129,7 +120,23 @@ class Recommender:
         return rows
 
 
-def _as_ids(ids: Any, what: str, ndim: int) -> np.ndarray:
+def parse_histories(history_ids: Ids) -> list[np.ndarray]:
+    """One int64 array of real items per user, from ragged lists or a 2-D batch padded with negative ids after
+    each row's real items; shapes and dtypes are checked here, lengths and id ranges by the runtime."""
+    if isinstance(history_ids, (np.ndarray, torch.Tensor)):
+        arr = as_ids(history_ids, "history_ids", ndim=2)
+        real = arr >= 0
+        if (real[:, 1:] & ~real[:, :-1]).any():
+            raise ValueError("history_ids: padding (negative ids) must come after a row's real items")
+        rows = [row[mask] for row, mask in zip(arr, real)]
+    else:
+        rows = [as_ids(r, f"history_ids[{i}]", ndim=1) for i, r in enumerate(history_ids)]
+    if not rows:
+        raise ValueError("history_ids: empty batch")
+    return rows
+
+
+def as_ids(ids: Any, what: str, ndim: int) -> np.ndarray:
     """int64 array of ``ndim`` dimensions, or a ValueError naming ``what``."""
     try:
         arr = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)

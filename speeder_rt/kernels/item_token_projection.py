@@ -62,7 +62,6 @@ import math
 from typing import NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -856,27 +855,17 @@ def item_token_projection_reference(
     *,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Plain PyTorch: ``SpeederModel.item_tokens``'s gather and ``MixtureOfModalityExperts.forward``'s ops, op for
-    op, computed in the parameters' dtype (fp64 parameters give the high-precision reference; the gate logits are
-    upcast to fp32 as in mome.py, or kept in fp64). Gradients by autograd. ``validate`` checks the index ranges;
-    no other argument checks (any floating dtype, any device)."""
+    """Plain PyTorch: ``SpeederModel.item_tokens``'s gather, then ``speeder_rt.model.mome.mome_tokens`` (the very
+    function ``MixtureOfModalityExperts.forward`` runs), computed in the parameters' dtype (fp64 parameters give the
+    high-precision reference; the gate logits in at least fp32). Gradients by autograd. ``validate`` checks the
+    index ranges; no other argument checks (any floating dtype, any device)."""
     if validate:
         _validate_ranges(ids, features[0].shape[0], extra_idx, 0 if extra_table is None else extra_table.shape[0])
-    dtype = experts[0].w1.dtype
+    # Imported here: importing speeder_rt.model loads the backbone stack, which the kernels themselves do not need.
+    from speeder_rt.model.mome import mome_tokens
+
     safe = ids.clamp(min=0)
-    act = active[safe] & (ids >= 0)[:, None]
-    normed, outputs = [], []
-    for j, (f, e) in enumerate(zip(features, experts)):
-        z = F.layer_norm(f[safe].to(dtype), (f.shape[1],), e.ln_weight, e.ln_bias, _LN_EPS)
-        z = z * act[:, j: j + 1].to(z.dtype)
-        normed.append(z)
-        outputs.append(F.linear(F.gelu(F.linear(z, e.w1, e.b1)), e.w2, e.b2))
-    logit_dtype = torch.promote_types(dtype, torch.float32)
-    logits = F.linear(torch.cat(normed, dim=-1), gate_w, gate_b).to(logit_dtype).masked_fill(~act, float("-inf"))
-    gates = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    stacked = torch.stack(outputs, dim=1)
-    stacked = torch.where(act[..., None], stacked, torch.zeros((), dtype=stacked.dtype, device=stacked.device))
-    tokens = torch.einsum("nm,nmd->nd", gates.to(stacked.dtype), stacked)
+    tokens, _ = mome_tokens([f[safe] for f in features], active[safe] & (ids >= 0)[:, None], experts, gate_w, gate_b)
     if extra_table is not None:
         use = (extra_idx >= 0) & (ids >= 0)
         tokens = torch.where(use[:, None], tokens + extra_table[extra_idx.clamp(min=0).long()], tokens)

@@ -9,12 +9,12 @@ import argparse
 import time
 from pathlib import Path
 
-from speeder_rt.baselines.sasrec import SASRecConfig, train_sasrec
+from speeder_rt.baselines.sasrec import train_sasrec
 from speeder_rt.baselines.simple import PopularityScorer, RandomScorer
 from speeder_rt.eval.metrics import format_table
 from speeder_rt.eval.protocol import evaluate
 from speeder_rt.train.config import load_run_config
-from speeder_rt.train.data import item_table, load_sequences
+from speeder_rt.train.data import item_table, load_sequences, sasrec_config
 from speeder_rt.train.trainer import Trainer
 
 MODELS = ("speeder", "text_baseline", "sasrec", "popularity", "random")
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     inter, synthetic_table, data = load_sequences(cfg)
     sasrec = None
     if "sasrec" in models or ("speeder" in models and "collab" in cfg.model.modalities and cfg.data.collab_features):
-        sasrec, secs = _timed(lambda: train_sasrec(data, SASRecConfig(**{"seed": cfg.seed, **cfg.data.sasrec})))
+        sasrec, secs = _timed(lambda: train_sasrec(data, sasrec_config(cfg)))
         if "sasrec" in models:
             metrics, infer = _timed(lambda: evaluate(sasrec, data, "test"))
             rows["SASRec"] = {**metrics, "train_s": round(secs, 1), "infer_ms": 1000 * infer / len(data.test)}

@@ -34,6 +34,13 @@ def load_interactions(source: str, synthetic: dict | None = None) -> tuple[Inter
     raise ValueError(f"data.source: {source!r} is not one of synthetic, movielens[:DIR], csv:FILE, amazon:REVIEWS[,META]")
 
 
+def sasrec_config(cfg: RunConfig):
+    """The run's SASRec settings (``data.sasrec`` overrides, the run's seed by default)."""
+    from speeder_rt.baselines.sasrec import SASRecConfig
+
+    return SASRecConfig(**{"seed": cfg.seed, **cfg.data.sasrec})
+
+
 def prepare(cfg: RunConfig, log=print) -> tuple[SequenceData, ItemTable]:
     """Sequences and the ItemTable with every modality the model asks for."""
     inter, table, data = load_sequences(cfg)
@@ -69,10 +76,10 @@ def item_table(cfg: RunConfig, inter: Interactions, data: SequenceData, table: I
 
         load_image_features(table, cfg.data.image_features)
     if "collab" in wants and cfg.data.collab_features:
-        from speeder_rt.baselines.sasrec import SASRecConfig, add_collab_features, train_sasrec
+        from speeder_rt.baselines.sasrec import add_collab_features, train_sasrec
 
         if sasrec is None:
-            sasrec = train_sasrec(data, SASRecConfig(**{"seed": cfg.seed, **cfg.data.sasrec}), log=lambda *_: None)
+            sasrec = train_sasrec(data, sasrec_config(cfg), log=lambda *_: None)
         add_collab_features(table, sasrec)
         log(f"collab features: SASRec item embeddings ({table.width('collab')}-d)")
     missing = [m for m in cfg.model.modalities if m not in table.modalities]

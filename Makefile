@@ -3,7 +3,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip --disable-pip-version-check -q
+# This machine's pip configuration names package folders (file:///opt/pypi-more/simple) that lack most packages,
+# and pip warns once per package and folder: "WARNING: Location '...' is ignored: it is neither a file nor a
+# directory." Exactly those lines are dropped from pip's stderr; every other message and pip's exit status pass.
+PIP_LOCATION_NOISE := ^WARNING: Location '[^']*' is ignored: it is neither a file nor a directory\.$$
+PIP := $(PY) -m pip --disable-pip-version-check -q 2> >(grep --line-buffered -v "$(PIP_LOCATION_NOISE)" >&2)
 # On a machine without CUDA the CPU build of torch 2.13.0 (on disk here) is installed before anything
 # else, so no dependency can pull a multi-GB CUDA build. A CUDA machine keeps its own torch.
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)

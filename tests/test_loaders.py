@@ -304,6 +304,72 @@ def test_csv_file_errors(tmp_path):
         load_csv(tmp_path / "x.csv")
 
 
+def csv_with_titles(n: int) -> list[str]:
+    return ["user,item,timestamp,title"] + [f"u{i % 5},i{i},{1000 + i},Title {i}" for i in range(n)]
+
+
+def test_csv_unclosed_quote_is_an_error_not_a_title_that_swallows_the_rest(tmp_path):
+    """The issue's 39-line file: csv.reader without strict made rows 21-39 one item's title (19 rows loaded)."""
+    rows = csv_with_titles(38)
+    rows[20] = 'u1,i19,1019,"Toy Story'
+    path = write(tmp_path / "q.csv", "\n".join(rows) + "\n")
+    with pytest.raises(DataFormatError) as info:
+        load_csv(path)
+    assert str(info.value) == f"{path}, line 21, field 'title': unclosed quote (a quoted field must end on its line)"
+    assert (info.value.line, info.value.field) == (21, "title")
+    assert sorted(tmp_path.iterdir()) == [path]  # nothing written
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('u,"i,1,t', "line 3, field 'item': unclosed quote (a quoted field must end on its line)"),
+        ('u,i,1,"Heat, 1995"x', "line 3, field 'title': malformed CSV (',' expected after '\"')"),
+        ('u,"a""b"c,1,t', "line 3, field 'item': malformed CSV (',' expected after '\"')"),
+        ("u,i,1\rx,t", "line 3, field 'timestamp': a carriage return inside the line (line endings must be \\n or "
+                       "\\r\\n)"),
+    ],
+)
+def test_csv_quoting_errors_name_line_and_field(tmp_path, line, message):
+    path = write(tmp_path / "x.csv", "user,item,timestamp,title\nu,i,1,ok\n" + line + "\nu,i,2,t\n")
+    with pytest.raises(DataFormatError) as info:
+        load_csv(path)
+    assert str(info.value) == f"{path}, {message}"
+
+
+def test_csv_reads_one_record_per_line(tmp_path):
+    rows = csv_with_titles(38)
+    rows[20] = 'u1,i19,1019,"Heat, ""the"" film"'
+    x = load_csv(write(tmp_path / "x.csv", "\n".join(rows)))  # no final line break: fine for CSV
+    assert len(x) == 38 and x.titles[19] == 'Heat, "the" film' and x.titles[37] == "Title 37"
+
+
+@pytest.mark.parametrize(
+    "name, text, where",
+    [
+        ("u.data", U_DATA + "186\t302\t3\t880", "u.data, line 4, field 'timestamp'"),
+        ("u.data", U_DATA + "186\t30", "u.data, line 4, field 'item'"),
+        ("ml-100k.inter", INTER + "186\t302\t3\t89", "ml-100k.inter, line 5, field 'timestamp'"),
+    ],
+)
+def test_truncated_last_line_is_an_error(tmp_path, name, text, where):
+    """u.data cut inside its last timestamp ('880') parses as data; the missing line break gives it away."""
+    path = write(tmp_path / name, text)
+    with pytest.raises(DataFormatError) as info:
+        load_movielens(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path}/{where}: the file ends inside this line (no line break after it): cut short by an interrupted "
+        "download or copy? (if the line is complete, end the file with a newline)")
+    assert sorted(tmp_path.iterdir()) == [path]
+
+
+def test_truncated_item_file_is_an_error(tmp_path):
+    write(tmp_path / "u.data", U_DATA)
+    write(tmp_path / "u.item", U_ITEM[:-40], "latin-1")
+    with pytest.raises(DataFormatError, match=r"u\.item, line 3, field 'title': the file ends inside this line"):
+        load_movielens(tmp_path)
+
+
 def test_data_format_error_is_value_error_and_pickles():
     err = DataFormatError("f.csv", "bad", line=3, field="timestamp")
     assert isinstance(err, ValueError) and str(err) == "f.csv, line 3, field 'timestamp': bad"

@@ -3,6 +3,14 @@
 Every loader returns :class:`~speeder_rt.data.interactions.Interactions` with rows in file order and dense
 ids in order of first appearance. Every rating or review counts as one implicit interaction. Malformed input
 raises :class:`DataFormatError` naming the file, the 1-based line and the field. Loaders only read.
+
+Every non-blank line is exactly one record, so a loader reads every record the file holds or raises: a CSV
+field may be quoted (``"Heat, 1995"``) but a quote must close on its line, and CSV parsing is strict (a
+stray quote is an error, not a field that swallows the following rows). The machine-written formats
+(GroupLens ``u.data`` / ``u.item``, RecBole atomic files) must end with a line break: a last line without
+one is reported as cut short (an interrupted download), because a value such as a timestamp can be cut
+and still parse. CSV and JSONL need no final line break (JSON cannot be cut and still parse; a CSV cut
+inside its last unquoted field cannot be told from a complete one).
 """
 
 from __future__ import annotations
@@ -86,31 +94,67 @@ def load_csv(path: str | os.PathLike) -> Interactions:
     items: list[str] = []
     timestamps: list[int] = []
     titles: dict[str, str] = {}
-    reader = csv.reader(text for _, text in _raw_lines(path, "utf-8-sig"))
-    try:
-        header = next(reader, None)
-        if header is None:
-            raise DataFormatError(path, "empty file (expected a header 'user,item,timestamp[,title]')", line=1)
-        names = [h.strip() for h in header]
-        col = _columns(names, ("user", "item", "timestamp"), path)
-        title_col = names.index("title") if "title" in names else None
-        for row in reader:
-            if not row:
-                continue
-            line = reader.line_num
-            _check_width(row, names, path, line, "comma-separated")
-            user = _key(row[col["user"]], path, line, "user")
-            item = _key(row[col["item"]], path, line, "item")
-            timestamps.append(_timestamp(row[col["timestamp"]], path, line, "timestamp"))
-            users.append(user)
-            items.append(item)
-            if title_col is not None and row[title_col] and not titles.get(item):
-                titles[item] = row[title_col]
-    except csv.Error as e:
-        raise DataFormatError(path, f"malformed CSV ({e})", line=reader.line_num) from None
+    lines = _lines(path, "utf-8-sig")
+    header_line, header, _ = next(lines)  # an empty file raised already
+    names = [h.strip() for h in _csv_fields(header, path, header_line, [])]
+    col = _columns(names, ("user", "item", "timestamp"), path)
+    title_col = names.index("title") if "title" in names else None
+    for line, text, _ in lines:
+        row = _csv_fields(text, path, line, names)
+        _check_width(row, names, path, line, "comma-separated")
+        user = _key(row[col["user"]], path, line, "user")
+        item = _key(row[col["item"]], path, line, "item")
+        timestamps.append(_timestamp(row[col["timestamp"]], path, line, "timestamp"))
+        users.append(user)
+        items.append(item)
+        if title_col is not None and row[title_col] and not titles.get(item):
+            titles[item] = row[title_col]
     if not users:
-        raise DataFormatError(path, "no data rows after the header", line=reader.line_num + 1)
+        raise DataFormatError(path, "no data rows after the header", line=header_line + 1)
     return Interactions.from_keys(users, items, timestamps, titles, source=str(path))
+
+
+def _csv_fields(text: str, path: Path, line: int, names: list[str]) -> list[str]:
+    """The fields of one CSV line, parsed strictly."""
+    try:
+        return next(csv.reader([text], strict=True))
+    except csv.Error as e:
+        index = _csv_problem_field(text)
+        field = names[index] if index < len(names) else None
+        if str(e) == "unexpected end of data":
+            problem = "unclosed quote (a quoted field must end on its line)"
+        elif "new-line character" in str(e):
+            problem = "a carriage return inside the line (line endings must be \\n or \\r\\n)"
+        else:
+            problem = f"malformed CSV ({e})"
+        raise DataFormatError(path, problem, line=line, field=field) from None
+
+
+def _csv_problem_field(text: str) -> int:
+    """Index of the field in which strict parsing of the CSV line ``text`` fails: the field whose quote never
+    closes, the one with a character after its closing quote, or the one holding a carriage return."""
+    field, quoted, at_start, i = 0, False, True, 0
+    while i < len(text):
+        c = text[i]
+        if quoted:
+            if c == '"' and text[i + 1 : i + 2] == '"':
+                i += 1  # an escaped quote
+            elif c == '"':
+                quoted = False
+                if text[i + 1 : i + 2] not in ("", ","):
+                    return field
+        elif c == "\r":
+            return field
+        elif c == '"' and at_start:
+            quoted = True
+        elif c == ",":
+            field += 1
+            at_start = True
+            i += 1
+            continue
+        at_start = False
+        i += 1
+    return field
 
 
 def _load_grouplens(root: Path) -> Interactions:
@@ -118,8 +162,9 @@ def _load_grouplens(root: Path) -> Interactions:
     users: list[str] = []
     items: list[str] = []
     timestamps: list[int] = []
-    for lineno, line in _lines(data, "utf-8"):
+    for lineno, line, ended in _lines(data, "utf-8"):
         fields = line.split()
+        _check_complete(ended, fields, _UDATA_FIELDS, data, lineno)
         _check_width(fields, _UDATA_FIELDS, data, lineno, "whitespace-separated")
         users.append(_key(fields[0], data, lineno, "user"))
         items.append(_key(fields[1], data, lineno, "item"))
@@ -127,8 +172,9 @@ def _load_grouplens(root: Path) -> Interactions:
     titles: dict[str, str] = {}
     item_file = root / "u.item"
     if item_file.is_file():
-        for lineno, line in _lines(item_file, "latin-1"):
+        for lineno, line, ended in _lines(item_file, "latin-1"):
             fields = line.split("|")
+            _check_complete(ended, fields, ("id", "title"), item_file, lineno)
             if len(fields) < 2:
                 raise DataFormatError(
                     item_file, "expected '|'-separated fields 'id|title|...'", line=lineno, field="title"
@@ -160,18 +206,19 @@ def _load_recbole(inter: Path) -> Interactions:
 def _atomic_rows(path: Path, required: tuple[str, ...], optional: tuple[str, ...]) -> Iterator[tuple[int, list[str]]]:
     """Rows of a RecBole atomic file (tab-separated, header ``name:type``): the named columns, "" if absent."""
     lines = _lines(path, "utf-8")
-    first = next(lines)  # an empty file raised already
-    names = [h.split(":", 1)[0].strip() for h in first[1].split("\t")]
+    first_line, first, _ = next(lines)  # an empty file raised already
+    names = [h.split(":", 1)[0].strip() for h in first.split("\t")]
     col = _columns(names, required, path)
     picks = [col[c] for c in required] + [names.index(c) if c in names else None for c in optional]
     rows = 0
-    for lineno, line in lines:
+    for lineno, line, ended in lines:
         fields = line.split("\t")
+        _check_complete(ended, fields, names, path, lineno)
         _check_width(fields, names, path, lineno, "tab-separated")
         rows += 1
         yield lineno, [fields[i] if i is not None else "" for i in picks]
     if not rows:
-        raise DataFormatError(path, "no data rows after the header", line=first[0] + 1)
+        raise DataFormatError(path, "no data rows after the header", line=first_line + 1)
 
 
 def _raw_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
@@ -193,21 +240,22 @@ def _raw_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
             raise DataFormatError(path, f"unreadable ({e})", line=lineno + 1) from None
 
 
-def _lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
-    """The non-blank lines of ``path``, line endings stripped; an empty file is an error."""
+def _lines(path: Path, encoding: str) -> Iterator[tuple[int, str, bool]]:
+    """The non-blank lines of ``path``: (number, text without its line ending, whether it had a line break);
+    an empty file is an error."""
     count = 0
-    for lineno, text in _raw_lines(path, encoding):
-        text = text.rstrip("\r\n")
+    for lineno, raw in _raw_lines(path, encoding):
+        text = raw.rstrip("\r\n")
         if text.strip():
             count += 1
-            yield lineno, text
+            yield lineno, text, raw.endswith("\n")
     if not count:
         raise DataFormatError(path, "empty file", line=1)
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """JSON objects of a JSONL file, one per non-blank line."""
-    for lineno, line in _lines(path, "utf-8"):
+    for lineno, line, _ in _lines(path, "utf-8"):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -232,6 +280,15 @@ def _columns(names: list[str], required: tuple[str, ...], path: Path) -> dict[st
                 path, f"header lacks required column (header: {', '.join(names)})", line=1, field=name
             )
     return {name: names.index(name) for name in required}
+
+
+def _check_complete(ended: bool, fields: list[str], names: tuple[str, ...] | list[str], path: Path, line: int) -> None:
+    """A line of a machine-written file without a line break is the file's last, cut short."""
+    if not ended:
+        field = names[min(len(fields), len(names)) - 1]
+        raise DataFormatError(path, "the file ends inside this line (no line break after it): cut short by an "
+                                    "interrupted download or copy? (if the line is complete, end the file with a "
+                                    "newline)", line=line, field=field)
 
 
 def _check_width(fields: list[str], names: tuple[str, ...] | list[str], path: Path, line: int, sep: str) -> None:

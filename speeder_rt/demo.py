@@ -6,6 +6,8 @@ them with popularity and random on the test split, and print one side-by-side ta
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -13,9 +15,10 @@ from speeder_rt.baselines.sasrec import train_sasrec
 from speeder_rt.baselines.simple import PopularityScorer, RandomScorer
 from speeder_rt.eval.metrics import format_table
 from speeder_rt.eval.protocol import evaluate
-from speeder_rt.train.config import load_run_config
-from speeder_rt.train.data import item_table, load_sequences, sasrec_config
+from speeder_rt.train.config import RunConfig, load_run_config
+from speeder_rt.train.data import item_table, load_sequences
 from speeder_rt.train.trainer import Trainer
+from speeder_rt.utils.schema import ConfigError
 
 MODELS = ("speeder", "text_baseline", "sasrec", "popularity", "random")
 COLUMNS = ["VHR@1", "HR@1", "HR@5", "NDCG@10", "train_s", "infer_ms"]
@@ -28,6 +31,31 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
+def _input(step):
+    """Run a step that reads input (config, data files): a ValueError is one line on stderr and exit status 2,
+    as in the train CLI."""
+    try:
+        return step()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _config(path: str, data: str | None, models: list[str]) -> RunConfig:
+    """The run config with the command line's overrides, checked again as a whole."""
+    cfg = load_run_config(path)
+    if "speeder" not in models:
+        cfg.model.modalities = []  # no item features needed
+    if data:
+        out_dir = Path(cfg.out_dir)
+        out_dir = out_dir.with_name(out_dir.name + "_" + data.replace(":", "_").replace("/", "_"))
+        try:
+            cfg = dataclasses.replace(cfg, out_dir=str(out_dir), data=dataclasses.replace(cfg.data, source=data))
+        except ConfigError as e:
+            raise ConfigError(e.problem, e.keys, where=f"{path} with --data {data}") from None
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(prog="python -m speeder_rt.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run configuration (default: configs/demo.yaml)")
@@ -38,22 +66,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
-    cfg = load_run_config(args.config)
-    if args.data:
-        cfg.data.source = args.data
-        cfg.out_dir = str(Path(cfg.out_dir).with_name(Path(cfg.out_dir).name + "_" + args.data.replace(":", "_").replace("/", "_")))
-    if "speeder" not in models:
-        cfg.model.modalities = []  # no item features needed
+    cfg = _input(lambda: _config(args.config, args.data, models))
+    inter, synthetic_table, data = _input(lambda: load_sequences(cfg))
 
     rows: dict[str, dict[str, float]] = {}
-    inter, synthetic_table, data = load_sequences(cfg)
     sasrec = None
     if "sasrec" in models or ("speeder" in models and "collab" in cfg.model.modalities and cfg.data.collab_features):
-        sasrec, secs = _timed(lambda: train_sasrec(data, sasrec_config(cfg)))
+        sasrec, secs = _timed(lambda: train_sasrec(data, cfg.data.sasrec))
         if "sasrec" in models:
             metrics, infer = _timed(lambda: evaluate(sasrec, data, "test"))
             rows["SASRec"] = {**metrics, "train_s": round(secs, 1), "infer_ms": 1000 * infer / len(data.test)}
-    table = item_table(cfg, inter, data, synthetic_table, sasrec=sasrec)
+    table = _input(lambda: item_table(cfg, inter, data, synthetic_table, sasrec=sasrec))
     print(f"data: {cfg.data.source}: {len(data.sequences)} users, {data.num_items} items; {len(data.train)} training "
           f"samples, {len(data.test)} test users, {data.config.num_candidates} candidates, history window "
           f"{data.config.history_len}")

@@ -18,26 +18,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from speeder_rt.data.sequences import PAD, Samples, SequenceData
+from speeder_rt.utils.schema import (DropoutRate, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check,
+                                     invalid)
 
 
 @dataclass(frozen=True)
 class SASRecConfig:
-    hidden: int = 64
-    num_blocks: int = 2
-    num_heads: int = 1
-    max_len: int = 50
-    dropout: float = 0.2
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    epochs: int = 40
-    eval_every: int = 5
-    seed: int = 0
+    hidden: PositiveInt = 64
+    num_blocks: PositiveInt = 2
+    num_heads: PositiveInt = 1
+    max_len: PositiveInt = 50
+    dropout: DropoutRate = 0.2
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.0
+    batch_size: PositiveInt = 128
+    epochs: PositiveInt = 40
+    eval_every: PositiveInt = 5
+    seed: NonNegativeInt = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.eval_every < 1 or self.max_len < 1:
-            raise ValueError(f"SASRecConfig: epochs, eval_every and max_len must be >= 1, got {self.epochs}, "
-                             f"{self.eval_every}, {self.max_len}")
+        check(self)
+        if self.hidden % self.num_heads:
+            raise invalid(self, "num_heads", f"{self.num_heads} does not divide hidden {self.hidden}")
 
 
 class SASRec(nn.Module):

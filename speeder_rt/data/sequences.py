@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 
 from speeder_rt.data.interactions import Interactions
+from speeder_rt.utils.schema import NonNegativeInt, PositiveInt, Range, check
 
 PAD = -1
 _SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
@@ -23,20 +24,15 @@ _SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 
 @dataclass(frozen=True)
 class SplitConfig:
-    history_len: int = 10
-    num_candidates: int = 20
-    max_train_samples_per_user: int | None = None  # keep the most recent prefixes; None = all
-    kcore: int = 0  # iterative k-core on users and items (0 = off)
+    history_len: PositiveInt = 10
+    num_candidates: Annotated[int, Range(ge=2)] = 20
+    max_train_samples_per_user: PositiveInt | None = None  # keep the most recent prefixes; None = all
+    kcore: NonNegativeInt = 0  # iterative k-core on users and items (0 = off)
     short_users: Literal["error", "drop"] = "error"  # users with < 3 interactions
-    seed: int = 0
+    seed: NonNegativeInt = 0
 
     def __post_init__(self) -> None:
-        if self.history_len < 1:
-            raise ValueError(f"SplitConfig: history_len must be >= 1, got {self.history_len}")
-        if self.num_candidates < 2:
-            raise ValueError(f"SplitConfig: num_candidates must be >= 2, got {self.num_candidates}")
-        if self.short_users not in ("error", "drop"):
-            raise ValueError(f"SplitConfig: short_users must be 'error' or 'drop', got {self.short_users!r}")
+        check(self)
 
 
 @dataclass

@@ -17,11 +17,14 @@ Generative story (all draws from one ``numpy.random.Generator(seed)``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 
 from speeder_rt.data.interactions import Interactions
 from speeder_rt.data.item_table import ItemTable
+from speeder_rt.utils.schema import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, check,
+                                     invalid)
 
 _WORDS = (
     "amber iron velvet silent crimson hollow golden shadow river ember frost lunar solar coral "
@@ -32,30 +35,30 @@ _WORDS = (
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    n_items: int = 600
-    n_users: int = 1200
-    n_clusters: int = 12
-    latent_dim: int = 16
-    text_dim: int = 64
-    image_dim: int = 48
-    min_seq_len: int = 8
-    max_seq_len: int = 30
-    p_stay: float = 0.75
-    tau: float = 4.0
-    zipf_a: float = 0.8
-    sigma_item: float = 0.6
-    text_noise: float = 0.15
-    image_noise: float = 0.3
-    image_missing: float = 0.15
-    seed: int = 0
+    n_items: PositiveInt = 600
+    n_users: PositiveInt = 1200
+    n_clusters: Annotated[int, Range(ge=2)] = 12
+    latent_dim: PositiveInt = 16
+    text_dim: PositiveInt = 64
+    image_dim: PositiveInt = 48
+    min_seq_len: Annotated[int, Range(ge=3)] = 8
+    max_seq_len: Annotated[int, Range(ge=3)] = 30
+    p_stay: Fraction = 0.75
+    tau: PositiveFloat = 4.0
+    zipf_a: NonNegativeFloat = 0.8
+    sigma_item: NonNegativeFloat = 0.6
+    text_noise: NonNegativeFloat = 0.15
+    image_noise: NonNegativeFloat = 0.3
+    image_missing: Fraction = 0.15
+    seed: NonNegativeInt = 0
 
     def __post_init__(self) -> None:
-        if self.n_items < 2 * self.max_seq_len or self.n_items < 40:
-            raise ValueError(f"SyntheticConfig: n_items={self.n_items} too small for max_seq_len={self.max_seq_len} and 20 candidates")
-        if not 3 <= self.min_seq_len <= self.max_seq_len:
-            raise ValueError(f"SyntheticConfig: need 3 <= min_seq_len <= max_seq_len, got {self.min_seq_len}, {self.max_seq_len}")
-        if self.n_clusters < 2 or self.n_users < 1:
-            raise ValueError("SyntheticConfig: need n_clusters >= 2 and n_users >= 1")
+        check(self)
+        if self.min_seq_len > self.max_seq_len:
+            raise invalid(self, "min_seq_len", f"{self.min_seq_len} exceeds max_seq_len ({self.max_seq_len})")
+        if self.n_items < max(40, 2 * self.max_seq_len):
+            raise invalid(self, "n_items", f"{self.n_items} is too small: 20 candidates and max_seq_len "
+                                           f"{self.max_seq_len} need at least {max(40, 2 * self.max_seq_len)}")
 
 
 def generate_synthetic(cfg: SyntheticConfig = SyntheticConfig()) -> tuple[Interactions, ItemTable]:

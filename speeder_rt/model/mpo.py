@@ -12,21 +12,35 @@ Module sets: ``experts`` (the experts of the stage's enabled modalities), ``expe
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TypedDict
 
 from torch import nn
 
+from speeder_rt.utils.schema import NonNegativeInt, PositiveFloat, check
+
 MODULE_SETS = ("experts", "gate", "head", "spae", "lora", "backbone")
 DEFAULT_ORDER = ("text", "collab", "image")
+
+
+class MPODefaults(TypedDict):
+    """The stage settings of the default schedule (``default_schedule``'s keywords; ``mpo_defaults`` in a run)."""
+
+    epochs: NonNegativeInt
+    lr: PositiveFloat
+    warmup_steps: NonNegativeInt
 
 
 @dataclass
 class MPOStage:
     name: str
     modalities: list[str]
-    epochs: int = 1
-    lr: float = 1e-3
+    epochs: NonNegativeInt = 1
+    lr: PositiveFloat = 1e-3
     trainable: list[str] = field(default_factory=lambda: ["experts", "gate", "head", "spae", "lora"])
-    warmup_steps: int = 0
+    warmup_steps: NonNegativeInt = 0
+
+    def __post_init__(self) -> None:
+        check(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,16 +61,15 @@ def default_schedule(modalities: list[str], epochs: int = 1, lr: float = 1e-3, w
 def validate_schedule(stages: list[MPOStage], model_modalities: list[str]) -> None:
     if not stages:
         raise ValueError("mpo: the schedule has no stages")
-    for s in stages:
+    for i, s in enumerate(stages):
         for m in s.modalities:
             if m not in model_modalities:
-                raise ValueError(f"mpo stage {s.name!r}: unknown modality {m!r}; the model has {model_modalities}")
+                raise ValueError(f"mpo[{i}].modalities: unknown modality {m!r} (stage {s.name!r}); the model has "
+                                 f"{model_modalities}")
         for t in s.trainable:
             if t not in MODULE_SETS and not (t.startswith("expert:") and t[len("expert:"):] in model_modalities):
-                raise ValueError(f"mpo stage {s.name!r}: unknown trainable set {t!r}; known: {list(MODULE_SETS)} "
-                                 f"and expert:<modality>")
-        if s.epochs < 0 or s.lr <= 0 or s.warmup_steps < 0:
-            raise ValueError(f"mpo stage {s.name!r}: epochs/warmup_steps must be >= 0 and lr > 0")
+                raise ValueError(f"mpo[{i}].trainable: unknown trainable set {t!r} (stage {s.name!r}); known: "
+                                 f"{list(MODULE_SETS)} and expert:<modality>")
 
 
 def new_modalities(stages: list[MPOStage], index: int) -> list[str]:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from speeder_rt.utils.schema import NonNegativeInt, check, invalid
+
 
 @dataclass
 class TemplateConfig:
@@ -28,9 +30,17 @@ class TemplateConfig:
     prefix: str = "A user's recent items, oldest first:"
     middle: str = ". Candidate items:"
     suffix: str = ". The item the user picks next is"
-    fixed_ids: dict[str, list[int]] = field(
+    fixed_ids: dict[str, list[NonNegativeInt]] = field(
         default_factory=lambda: {"prefix": [1, 2, 3, 4], "middle": [5, 6], "suffix": [7, 8, 9], "pred": [10]}
     )
+
+    def __post_init__(self) -> None:
+        check(self)
+        if sorted(self.fixed_ids) != ["middle", "pred", "prefix", "suffix"]:
+            raise invalid(self, "fixed_ids", f"needs exactly the keys prefix, middle, suffix, pred; got "
+                                             f"{', '.join(self.fixed_ids) or 'none'}")
+        if len(self.fixed_ids["pred"]) != 1:
+            raise invalid(self, "fixed_ids", f"pred must be one token id, got {self.fixed_ids['pred']}")
 
 
 def template_ids(cfg: TemplateConfig, tokenizer=None) -> dict[str, list[int]]:

@@ -27,29 +27,32 @@ from speeder_rt.model import attention
 from speeder_rt.model.backbone import BackboneConfig, apply_lora, load_backbone
 from speeder_rt.model.mome import MixtureOfModalityExperts
 from speeder_rt.model.prompt import PromptLayout, TemplateConfig, assemble_prompt, layout, template_ids
+from speeder_rt.utils.schema import PositiveInt, check, invalid
 
 
 @dataclass
 class SpeederConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     modalities: list[str] = field(default_factory=lambda: ["text", "collab", "image"])
-    d_expert: int = 256
-    max_history: int = 50  # recency table size; longer histories are refused
+    d_expert: PositiveInt = 256
+    max_history: PositiveInt = 50  # recency table size; longer histories are refused
     relative_bias: bool = True
     attn_backend: str = "auto"  # auto: triton on CUDA, reference on CPU
     template: TemplateConfig = field(default_factory=TemplateConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.backbone, dict):
-            self.backbone = BackboneConfig(**self.backbone)
-        if isinstance(self.template, dict):
-            self.template = TemplateConfig(**self.template)
+        check(self)
         if self.attn_backend != "auto":
             attention.implementation_name(self.attn_backend)
         if self.attn_backend == "flash" and self.relative_bias:
             raise ValueError("attn_backend='flash' has no relative bias: set relative_bias: false")
         if len(set(self.modalities)) != len(self.modalities) or not self.modalities:
-            raise ValueError(f"modalities must be a non-empty list without repeats, got {self.modalities}")
+            raise invalid(self, "modalities", f"must be a non-empty list without repeats, got {self.modalities}")
+        random_init = self.backbone.pretrained is None and self.backbone.gguf_file is None
+        top_id = max(i for ids in self.template.fixed_ids.values() for i in ids) if random_init else -1
+        if top_id >= self.backbone.vocab_size:
+            raise invalid(self, "template", f"fixed_ids reach {top_id}, beyond backbone.vocab_size "
+                                            f"{self.backbone.vocab_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)

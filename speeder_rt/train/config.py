@@ -1,103 +1,143 @@
 """Run configuration: one YAML file describes data, features, model, MPO schedule and training.
 
-Unknown keys are errors that name the section and the key, so a typo never silently falls back to a
-default.
+The whole file is one schema of typed dataclasses (``speeder_rt.utils.schema``), down to the sections
+that the data, model and baseline code consume directly (``data.split`` is a ``SplitConfig``,
+``data.synthetic`` a ``SyntheticConfig``, ``data.sasrec`` a ``SASRecConfig``, ``mpo[i]`` an ``MPOStage``,
+``mpo_defaults`` an ``MPODefaults``). An unknown key at any depth, a wrong type or a value out of range is
+one :class:`~speeder_rt.utils.schema.ConfigError` naming the key path, the value and what is allowed, raised
+while the file is read: before any data is built or any file written. Keys not given keep the defaults
+below. A new setting is one line in its section, e.g. ``grad_accumulation: PositiveInt = 1``.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 import yaml
 
-from speeder_rt.model.mpo import MPOStage
+from speeder_rt.baselines.sasrec import SASRecConfig
+from speeder_rt.data.sequences import SplitConfig
+from speeder_rt.data.synthetic import SyntheticConfig
+from speeder_rt.model.mpo import MPODefaults, MPOStage, validate_schedule
 from speeder_rt.model.speeder import SpeederConfig
+from speeder_rt.utils.schema import (ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check,
+                                     from_dict, invalid)
+
+SOURCES = "synthetic, movielens[:DIR], csv:FILE, amazon:REVIEWS[,META]"
+
+
+def parse_source(source: str) -> tuple[str, str]:
+    """``data.source`` -> (kind, argument): ``csv:x.csv`` -> ``("csv", "x.csv")``."""
+    kind, _, arg = source.partition(":")
+    if (kind == "synthetic" and not arg) or kind == "movielens" or (kind in ("csv", "amazon") and arg):
+        return kind, arg
+    raise ValueError(f"{source!r} is not one of {SOURCES}")
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | movielens | movielens:DIR | csv:FILE | amazon:REVIEWS[,META]
-    synthetic: dict[str, Any] = field(default_factory=dict)  # SyntheticConfig overrides
-    split: dict[str, Any] = field(default_factory=lambda: {"short_users": "drop"})  # SplitConfig overrides
-    text_features: str = "auto"  # auto (synthetic: generated; else MiniLM) | minilm | none
+    source: str = "synthetic"  # see SOURCES
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    split: SplitConfig = field(default_factory=lambda: SplitConfig(short_users="drop"))  # seed: the run's
+    text_features: Literal["auto", "minilm", "none"] = "auto"  # auto: synthetic: generated; else MiniLM
     image_features: str | None = None  # a .safetensors/.npz/.npy file keyed by item
     collab_features: bool = True  # SASRec item embeddings trained on the training split
-    sasrec: dict[str, Any] = field(default_factory=lambda: {"epochs": 20})  # SASRecConfig overrides
+    sasrec: SASRecConfig = field(default_factory=lambda: SASRecConfig(epochs=20))  # seed: the run's
+
+    def __post_init__(self) -> None:
+        check(self)
+        try:
+            parse_source(self.source)
+        except ValueError as e:
+            raise invalid(self, "source", str(e)) from None
+
+    def feature_modalities(self) -> list[str]:
+        """The modalities this section gives items features for (built by ``train.data.item_table``)."""
+        synthetic = self.source == "synthetic"  # its table carries generated text and image features
+        return [m for m, present in (("text", synthetic or self.text_features != "none"),
+                                     ("collab", self.collab_features),
+                                     ("image", synthetic or self.image_features is not None)) if present]
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    max_train_samples_per_epoch: int | None = None  # subsample the training split each epoch
-    checkpoint_every: int = 0  # steps; 0 = at epoch ends only
-    device: str = "auto"
+    batch_size: PositiveInt = 64
+    eval_batch_size: PositiveInt = 256
+    weight_decay: NonNegativeFloat = 0.0
+    grad_clip: PositiveFloat = 1.0
+    max_train_samples_per_epoch: PositiveInt | None = None  # subsample the training split each epoch
+    checkpoint_every: NonNegativeInt = 0  # steps; 0 = at epoch ends only
+    device: str = "auto"  # auto (cuda when available) or a torch device: cpu, cuda, cuda:1
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check(self)
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise invalid(self, "device", f"{self.device!r} is not auto or a torch device (cpu, cuda, cuda:1)"
+                              ) from None
 
 
 @dataclass
 class TextBaselineSection:
-    epochs: int = 1
-    lr: float = 1e-3
-    max_title_tokens: int = 32
-    max_new_tokens: int = 40
-    eval_limit: int | None = 200  # generation is slow: evaluate this many test users (None = all)
+    epochs: NonNegativeInt = 1
+    lr: PositiveFloat = 1e-3
+    max_title_tokens: PositiveInt = 32
+    max_new_tokens: PositiveInt = 40
+    eval_limit: PositiveInt | None = 200  # generation is slow: evaluate this many test users (None = all)
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
 @dataclass
 class RunConfig:
     out_dir: str = "runs/demo"
-    seed: int = 0
+    seed: NonNegativeInt = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: SpeederConfig = field(default_factory=SpeederConfig)
     mpo: list[MPOStage] | None = None  # None = default_schedule over the model's modalities
-    mpo_defaults: dict[str, Any] = field(default_factory=lambda: {"epochs": 1, "lr": 1e-3, "warmup_steps": 20})
+    mpo_defaults: MPODefaults = field(default_factory=lambda: MPODefaults(epochs=1, lr=1e-3, warmup_steps=20))
     train: TrainConfig = field(default_factory=TrainConfig)
     text_baseline: TextBaselineSection = field(default_factory=TextBaselineSection)
+
+    def __post_init__(self) -> None:
+        check(self)
+        if self.mpo is not None:
+            try:
+                validate_schedule(self.mpo, self.model.modalities)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        provided = self.data.feature_modalities()
+        missing = [m for m in self.model.modalities if m not in provided]
+        if missing:
+            raise invalid(self, "model.modalities", f"{missing} have no features (data gives {provided}): configure "
+                          "data.text_features / data.image_features / data.collab_features, or drop them")
+        if self.data.split.history_len > self.model.max_history:
+            raise invalid(self, "data.split.history_len", f"{self.data.split.history_len} exceeds model.max_history "
+                                                          f"({self.model.max_history})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _build(cls, values: dict[str, Any] | None, where: str):
-    values = dict(values or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r}; known keys: {sorted(names)}")
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
-def run_config_from_dict(raw: dict[str, Any], where: str = "config") -> RunConfig:
-    raw = dict(raw or {})
-    top = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(raw) - top)
-    if unknown:
-        raise ValueError(f"{where}: unknown section {unknown[0]!r}; known: {sorted(top)}")
-    model_raw = dict(raw.get("model") or {})
-    from speeder_rt.model.backbone import BackboneConfig
-    from speeder_rt.model.prompt import TemplateConfig
-
-    model_raw["backbone"] = _build(BackboneConfig, model_raw.get("backbone"), f"{where}: model.backbone")
-    model_raw["template"] = _build(TemplateConfig, model_raw.get("template"), f"{where}: model.template")
-    stages = raw.get("mpo")
-    return RunConfig(
-        out_dir=str(raw.get("out_dir", RunConfig.out_dir)),
-        seed=int(raw.get("seed", 0)),
-        data=_build(DataConfig, raw.get("data"), f"{where}: data"),
-        model=_build(SpeederConfig, model_raw, f"{where}: model"),
-        mpo=None if stages is None else [_build(MPOStage, s, f"{where}: mpo[{i}]") for i, s in enumerate(stages)],
-        mpo_defaults=dict(raw.get("mpo_defaults") or RunConfig().mpo_defaults),
-        train=_build(TrainConfig, raw.get("train"), f"{where}: train"),
-        text_baseline=_build(TextBaselineSection, raw.get("text_baseline"), f"{where}: text_baseline"),
-    )
+def run_config_from_dict(raw: Mapping[str, Any] | None, where: str = "config") -> RunConfig:
+    """The run config of a parsed YAML/JSON mapping (a file, or a checkpoint's ``to_dict()``)."""
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ConfigError(f"the top level must be a mapping of sections, got {type(raw).__name__}", where=where)
+    raw = raw or {}
+    cfg = from_dict(RunConfig, raw, where)
+    data = raw.get("data") or {}
+    for section in ("split", "sasrec"):  # their seeds follow the run's unless given
+        if "seed" not in (data.get(section) or {}):
+            setattr(cfg.data, section, dataclasses.replace(getattr(cfg.data, section), seed=cfg.seed))
+    return cfg
 
 
 def load_run_config(path: str | Path) -> RunConfig:
@@ -110,6 +150,4 @@ def load_run_config(path: str | Path) -> RunConfig:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
         raise ValueError(f"{path}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
-    if raw is not None and not isinstance(raw, dict):
-        raise ValueError(f"{path}: top level must be a mapping")
-    return run_config_from_dict(raw or {}, str(path))
+    return run_config_from_dict(raw, str(path))

@@ -8,37 +8,29 @@ import dataclasses
 import time
 from pathlib import Path
 
-from speeder_rt.data import ItemTable, SequenceData, SplitConfig, SyntheticConfig, build_sequences, generate_synthetic
+from speeder_rt.data import ItemTable, SequenceData, SyntheticConfig, build_sequences, generate_synthetic
 from speeder_rt.data.interactions import Interactions
-from speeder_rt.train.config import RunConfig
+from speeder_rt.train.config import RunConfig, parse_source
 
 
-def load_interactions(source: str, synthetic: dict | None = None) -> tuple[Interactions, ItemTable | None]:
-    """(interactions, a table with generated features for synthetic data or None)."""
-    if source == "synthetic":
-        return generate_synthetic(SyntheticConfig(**(synthetic or {})))
+def load_interactions(source: str, synthetic: SyntheticConfig = SyntheticConfig()
+                      ) -> tuple[Interactions, ItemTable | None]:
+    """(interactions, a table with generated features for synthetic data or None) of a ``data.source``."""
+    kind, arg = parse_source(source)
+    if kind == "synthetic":
+        return generate_synthetic(synthetic)
     from speeder_rt.data import loaders
 
-    kind, _, arg = source.partition(":")
     if kind == "movielens":
         if not arg:
             from speeder_rt.data.assets import movielens_100k
 
             arg = str(movielens_100k())
         return loaders.load_movielens(arg), None
-    if kind == "csv" and arg:
+    if kind == "csv":
         return loaders.load_csv(arg), None
-    if kind == "amazon" and arg:
-        reviews, _, meta = arg.partition(",")
-        return loaders.load_amazon_reviews(reviews, meta or None), None
-    raise ValueError(f"data.source: {source!r} is not one of synthetic, movielens[:DIR], csv:FILE, amazon:REVIEWS[,META]")
-
-
-def sasrec_config(cfg: RunConfig):
-    """The run's SASRec settings (``data.sasrec`` overrides, the run's seed by default)."""
-    from speeder_rt.baselines.sasrec import SASRecConfig
-
-    return SASRecConfig(**{"seed": cfg.seed, **cfg.data.sasrec})
+    reviews, _, meta = arg.partition(",")
+    return loaders.load_amazon_reviews(reviews, meta or None), None
 
 
 def prepare(cfg: RunConfig, log=print) -> tuple[SequenceData, ItemTable]:
@@ -50,7 +42,7 @@ def prepare(cfg: RunConfig, log=print) -> tuple[SequenceData, ItemTable]:
 def load_sequences(cfg: RunConfig) -> tuple[Interactions, ItemTable | None, SequenceData]:
     """(interactions, the synthetic source's table or None, sequences split by the run's protocol)."""
     inter, table = load_interactions(cfg.data.source, cfg.data.synthetic)
-    return inter, table, build_sequences(inter, SplitConfig(**{"seed": cfg.seed, **cfg.data.split}))
+    return inter, table, build_sequences(inter, cfg.data.split)
 
 
 def item_table(cfg: RunConfig, inter: Interactions, data: SequenceData, table: ItemTable | None = None,
@@ -79,7 +71,7 @@ def item_table(cfg: RunConfig, inter: Interactions, data: SequenceData, table: I
         from speeder_rt.baselines.sasrec import add_collab_features, train_sasrec
 
         if sasrec is None:
-            sasrec = train_sasrec(data, sasrec_config(cfg), log=lambda *_: None)
+            sasrec = train_sasrec(data, cfg.data.sasrec, log=lambda *_: None)
         add_collab_features(table, sasrec)
         log(f"collab features: SASRec item embeddings ({table.width('collab')}-d)")
     missing = [m for m in cfg.model.modalities if m not in table.modalities]

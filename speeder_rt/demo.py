@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
     sasrec = None
     if "sasrec" in models or ("speeder" in models and "collab" in cfg.model.modalities and cfg.data.collab_features):
-        sasrec, secs = _timed(lambda: train_sasrec(data, cfg.data.sasrec))
+        sasrec, secs = _timed(lambda: train_sasrec(data, cfg.data.sasrec, progress=cfg.train.progress))
         if "sasrec" in models:
             metrics, infer = _timed(lambda: evaluate(sasrec, data, "test"))
             rows["SASRec"] = {**metrics, "train_s": round(secs, 1), "infer_ms": 1000 * infer / len(data.test)}
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         trainer = Trainer("text_baseline", cfg, data, table)
         _, secs = _timed(trainer.run)
         limit = cfg.text_baseline.eval_limit
-        metrics, infer = _timed(lambda: trainer.model.evaluate(data, "test", limit=limit))
+        metrics, infer = _timed(lambda: trainer.model.evaluate(data, "test", limit=limit, progress=cfg.train.progress))
         n = min(limit or len(data.test), len(data.test))
         rows[f"text-item LLM ({n} users)"] = {**metrics, "train_s": round(secs, 1), "infer_ms": 1000 * infer / n}
     if "popularity" in models:

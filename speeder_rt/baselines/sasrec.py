@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speeder_rt.data.sequences import PAD, Samples, SequenceData
+from speeder_rt.utils.progress import progress_bar
 from speeder_rt.utils.schema import (DropoutRate, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check,
                                      invalid)
 
@@ -112,8 +113,9 @@ def _training_sequences(data: SequenceData, max_len: int) -> tuple[torch.Tensor,
     return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(targets))
 
 
-def train_sasrec(data: SequenceData, cfg: SASRecConfig = SASRecConfig(), log=print) -> SASRec:
-    """Train on the training split; keep the weights with the best validation NDCG@10."""
+def train_sasrec(data: SequenceData, cfg: SASRecConfig = SASRecConfig(), log=print, progress: bool = True) -> SASRec:
+    """Train on the training split; keep the weights with the best validation NDCG@10. ``log`` gets a line at
+    every validation (with the time left), ``progress`` shows a bar over the steps."""
     from speeder_rt.eval.protocol import evaluate
 
     torch.manual_seed(cfg.seed)
@@ -123,25 +125,31 @@ def train_sasrec(data: SequenceData, cfg: SASRecConfig = SASRecConfig(), log=pri
     gen = torch.Generator().manual_seed(cfg.seed)
     best, best_state = -1.0, None
     start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        total = 0.0
-        for idx in torch.randperm(len(inputs), generator=gen).split(cfg.batch_size):
-            h = model.hidden_states(inputs[idx])
-            y = targets[idx]
-            keep = y != PAD
-            logits = h[keep] @ model.item_emb.weight[1:].T
-            loss = F.cross_entropy(logits, y[keep])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            ndcg = evaluate(model, data, "valid")["NDCG@10"]
-            log(f"sasrec epoch {epoch:3d}  loss {total / len(inputs):.4f}  valid NDCG@10 {ndcg:.4f}  "
-                f"({time.perf_counter() - start:.1f}s)")
-            if ndcg > best:
-                best, best_state = ndcg, copy.deepcopy(model.state_dict())
+    steps_per_epoch = -(-len(inputs) // cfg.batch_size)
+    with progress_bar(total=cfg.epochs * steps_per_epoch, desc="SASRec", unit="step", enabled=progress) as bar:
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            total = 0.0
+            for idx in torch.randperm(len(inputs), generator=gen).split(cfg.batch_size):
+                h = model.hidden_states(inputs[idx])
+                y = targets[idx]
+                keep = y != PAD
+                logits = h[keep] @ model.item_emb.weight[1:].T
+                loss = F.cross_entropy(logits, y[keep])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+                bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{total / len(inputs):.4f}", refresh=False)
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                ndcg = evaluate(model, data, "valid")["NDCG@10"]
+                elapsed = time.perf_counter() - start
+                with bar.external_write_mode():  # the line above the bar, not through it
+                    log(f"sasrec epoch {epoch:3d}/{cfg.epochs}  loss {total / len(inputs):.4f}  valid NDCG@10 "
+                        f"{ndcg:.4f}  ({elapsed:.1f}s, ~{elapsed / epoch * (cfg.epochs - epoch):.0f}s left)")
+                if ndcg > best:
+                    best, best_state = ndcg, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     model.eval()
     return model

@@ -27,6 +27,7 @@ from speeder_rt.data.item_table import ItemTable
 from speeder_rt.data.sequences import SequenceData
 from speeder_rt.eval.metrics import ranking_metrics
 from speeder_rt.model.backbone import BackboneConfig, apply_lora, load_backbone
+from speeder_rt.utils.progress import progress_bar
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -329,9 +330,9 @@ class TextItemBaseline(nn.Module):
         return chosen, chosen >= 0
 
     def evaluate(self, data: SequenceData, split: str = "test", batch_size: int = 16,
-                 limit: int | None = None) -> dict[str, float]:
+                 limit: int | None = None, progress: bool = True) -> dict[str, float]:
         """VHR@1 (valid and correct / total), valid_ratio and mean_generated_tokens on the split's fixed
-        candidates (its first ``limit`` samples when given)."""
+        candidates (its first ``limit`` samples when given); ``progress`` shows a bar over the users."""
         samples = data.split(split)
         if samples.candidates is None or samples.label is None:
             raise ValueError(f"split {split!r} has no candidates; the text baseline evaluates on candidate lists")
@@ -339,13 +340,15 @@ class TextItemBaseline(nn.Module):
         if n < 1:
             raise ValueError(f"split {split!r}: no samples to evaluate (limit={limit})")
         chosen, valid, counts = [], [], []
-        for start in range(0, n, batch_size):
-            part = samples.subset(slice(start, min(start + batch_size, n)))
-            texts, generated = self.generate(part.history, part.history_len, part.candidates)
-            c, v = self.choose(texts, part.candidates)
-            chosen.append(c.numpy())
-            valid.append(v.numpy())
-            counts += generated
+        with progress_bar(total=n, desc=f"text-item generation ({split})", unit="user", enabled=progress) as bar:
+            for start in range(0, n, batch_size):
+                part = samples.subset(slice(start, min(start + batch_size, n)))
+                texts, generated = self.generate(part.history, part.history_len, part.candidates)
+                c, v = self.choose(texts, part.candidates)
+                chosen.append(c.numpy())
+                valid.append(v.numpy())
+                counts += generated
+                bar.update(len(part))
         chosen_all, valid_all = np.concatenate(chosen), np.concatenate(valid)
         ranks = np.where(chosen_all == samples.label[:n], 0, 1)
         return {

@@ -17,21 +17,23 @@ from safetensors import SafetensorError, safe_open
 
 from speeder_rt.data.assets import minilm_dir
 from speeder_rt.data.item_table import ItemTable
+from speeder_rt.utils.progress import progress_bar
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 TEXT_DIM = 384
 
 
-def encode_texts(texts: list[str], batch_size: int = 64, device: str = "cpu") -> np.ndarray:
+def encode_texts(texts: list[str], batch_size: int = 64, device: str = "cpu", progress: bool = True) -> np.ndarray:
     """Sentence embeddings [N, 384] float32 of all-MiniLM-L6-v2, as sentence-transformers computes them: tokens
     truncated to the model's max_seq_length, mean pooling over the attention mask, L2 normalisation. Blank texts
-    give zero rows."""
+    give zero rows. ``progress`` shows a bar over the texts."""
     out = np.zeros((len(texts), TEXT_DIM), dtype=np.float32)
     todo = sorted((i for i, t in enumerate(texts) if t.strip()), key=lambda i: -len(texts[i]))
     if not todo:
         return out
     tokenizer, model, max_length = _minilm(device)
-    with torch.inference_mode():
+    with torch.inference_mode(), progress_bar(total=len(todo), desc="MiniLM text features", unit="text",
+                                              enabled=progress) as bar:
         for start in range(0, len(todo), batch_size):
             rows = todo[start : start + batch_size]
             batch = tokenizer(
@@ -41,10 +43,11 @@ def encode_texts(texts: list[str], batch_size: int = 64, device: str = "cpu") ->
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
             out[rows] = torch.nn.functional.normalize(pooled, p=2, dim=1).float().cpu().numpy()
+            bar.update(len(rows))
     return out
 
 
-def add_text_features(table: ItemTable, batch_size: int = 64, device: str = "cpu") -> bool:
+def add_text_features(table: ItemTable, batch_size: int = 64, device: str = "cpu", progress: bool = True) -> bool:
     """Set modality ``"text"`` to the embedding of each item's ``title + " " + description``.
 
     Items with no text are marked unavailable. The texts' fingerprint is kept in ``table.meta["text_fingerprint"]``;
@@ -57,7 +60,7 @@ def add_text_features(table: ItemTable, batch_size: int = 64, device: str = "cpu
     fingerprint = _fingerprint(texts)
     if table.meta.get("text_fingerprint") == fingerprint and "text" in table.modalities:
         return False
-    embeddings = encode_texts(texts, batch_size=batch_size, device=device)
+    embeddings = encode_texts(texts, batch_size=batch_size, device=device, progress=progress)
     table.set_modality("text", embeddings, available=np.array([bool(t) for t in texts]), source=MODEL_ID)
     table.meta["text_fingerprint"] = fingerprint
     return True

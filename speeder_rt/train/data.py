@@ -61,7 +61,7 @@ def item_table(cfg: RunConfig, inter: Interactions, data: SequenceData, table: I
         from speeder_rt.data.features import add_text_features
 
         start = time.perf_counter()
-        add_text_features(table)
+        add_text_features(table, progress=cfg.train.progress)
         log(f"text features: MiniLM over {len(table)} items ({time.perf_counter() - start:.1f}s)")
     if "image" in wants and cfg.data.image_features:
         from speeder_rt.data.features import load_image_features
@@ -71,7 +71,7 @@ def item_table(cfg: RunConfig, inter: Interactions, data: SequenceData, table: I
         from speeder_rt.baselines.sasrec import add_collab_features, train_sasrec
 
         if sasrec is None:
-            sasrec = train_sasrec(data, cfg.data.sasrec, log=lambda *_: None)
+            sasrec = train_sasrec(data, cfg.data.sasrec, log=log, progress=cfg.train.progress)
         add_collab_features(table, sasrec)
         log(f"collab features: SASRec item embeddings ({table.width('collab')}-d)")
     missing = [m for m in cfg.model.modalities if m not in table.modalities]

@@ -42,11 +42,11 @@ def parse_source(source: str) -> tuple[str, str]:
 class DataConfig:
     source: str = "synthetic"  # see SOURCES
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    split: SplitConfig = field(default_factory=lambda: SplitConfig(short_users="drop"))  # seed: the run's
+    split: SplitConfig = field(default_factory=lambda: SplitConfig(short_users="drop"))  # seed: the run's (file)
     text_features: Literal["auto", "minilm", "none"] = "auto"  # auto: synthetic: generated; else MiniLM
     image_features: str | None = None  # a .safetensors/.npz/.npy file keyed by item
     collab_features: bool = True  # SASRec item embeddings trained on the training split
-    sasrec: SASRecConfig = field(default_factory=lambda: SASRecConfig(epochs=20))  # seed: the run's
+    sasrec: SASRecConfig = field(default_factory=lambda: SASRecConfig(epochs=20))  # seed: the run's (file)
 
     def __post_init__(self) -> None:
         check(self)

@@ -63,14 +63,14 @@ class ConfigError(ValueError):
 
     def __init__(self, problem: str, keys: Sequence[str | int] = (), where: str = "", owner: str = "") -> None:
         self.problem, self.keys, self.where, self.owner = problem, tuple(keys), where, owner
-        location = ".".join(part for part in (owner, key_path(self.keys)) if part)
+        location = ".".join(part for part in (owner, _key_path(self.keys)) if part)
         super().__init__(": ".join(part for part in (where, location, problem) if part))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return type(self), (self.problem, self.keys, self.where, self.owner)
 
 
-def key_path(keys: Sequence[str | int]) -> str:
+def _key_path(keys: Sequence[str | int]) -> str:
     """``("mpo", 1, "lr")`` -> ``mpo[1].lr``."""
     out = ""
     for k in keys:
@@ -117,7 +117,7 @@ def _value(tp: Any, value: Any, keys: tuple[str | int, ...], base: Any = None) -
         hint = ""
         if isinstance(value, str) and _base_type(tp) is float and _parses_as_float(value):
             hint = " (a string: YAML reads 1e-3 as text, write 1.0e-3)"
-        raise ConfigError(f"expected {describe(tp)}, got {_show(value)}{hint}", keys) from None
+        raise ConfigError(f"expected {_describe(tp)}, got {_show(value)}{hint}", keys) from None
 
 
 def _fit(tp: Any, value: Any, keys: tuple[str | int, ...], base: Any) -> Any:
@@ -233,14 +233,14 @@ def _hints(cls: type) -> dict[str, Any]:
     return get_type_hints(cls, include_extras=True)
 
 
-def describe(tp: Any) -> str:
+def _describe(tp: Any) -> str:
     """What annotation ``tp`` allows, in words: ``Annotated[int, Range(ge=1)]`` -> ``an integer >= 1``."""
     origin, args = get_origin(tp), get_args(tp)
     if origin is Annotated:
         ranges = " and ".join(str(r) for r in args[1:] if isinstance(r, Range))
-        return f"{describe(args[0])} {ranges}".rstrip()
+        return f"{_describe(args[0])} {ranges}".rstrip()
     if origin in (Union, types.UnionType):
-        options = [describe(a) for a in args if a is not type(None)]
+        options = [_describe(a) for a in args if a is not type(None)]
         return " or ".join(options) + (" or null" if type(None) in args else "")
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)

@@ -48,7 +48,7 @@ def export_dir(tmp_path_factory):
     trainer = Trainer("speeder", cfg, *prepare(cfg, log=lambda *_: None), log=lambda *_: None)
     trainer.run()
     out = tmp / "export"
-    export_checkpoint(trainer.out / "best.pt", "aoti", out, device="cpu", log=lambda *_: None, **RANGES)
+    export_checkpoint(trainer.out / "best", "aoti", out, device="cpu", log=lambda *_: None, **RANGES)
     return out
 
 

@@ -1,6 +1,7 @@
 """Export (ONNX, AOTInductor, TensorRT), parity reports, Triton repositories, the CLI and the Recommender runtime."""
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ RANGES = dict(max_batch=4, max_history=8, max_candidates=20, topk=5)  # the mode
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A briefly trained tiny Speeder with LoRA (the export merges it), saved as best.pt."""
+    """A briefly trained tiny Speeder with LoRA (the export merges it): the run's best/ model directory."""
     tmp = tmp_path_factory.mktemp("run")
     cfg = run_config_from_dict({
         "out_dir": str(tmp),
@@ -33,7 +34,7 @@ def ckpt(tmp_path_factory):
     })
     trainer = Trainer("speeder", cfg, *prepare(cfg, log=lambda *_: None), log=lambda *_: None)
     trainer.run()
-    return trainer.out / "best.pt"
+    return trainer.out / "best"
 
 
 @pytest.fixture(scope="module")
@@ -236,10 +237,10 @@ def test_recommender_topk_k_and_load_errors(onnx_dir, tmp_path):
     rec = Recommender.load(onnx_dir)
     with pytest.raises(ValueError, match=r"k=6: this export answers 1 <= k <= 5"):
         rec.topk([[1]], k=6)
-    with pytest.raises(ValueError, match="not an export directory"):
+    with pytest.raises(ValueError, match="neither an export directory .* nor a model directory"):
         Recommender.load(tmp_path)
-    with pytest.raises(ValueError, match="checkpoint not found"):
-        Recommender.load(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match=r"missing: not found \(expected a model directory"):
+        Recommender.load(tmp_path / "missing")
 
 
 # -- CLI ---------------------------------------------------------------------------------------------
@@ -276,16 +277,18 @@ def test_cli_bad_ranges_exit_2_and_write_nothing(ckpt, tmp_path, capsys, flags, 
 
 
 def test_cli_checkpoint_errors_exit_2(ckpt, tmp_path, capsys):
-    code, text = run_cli(capsys, "--checkpoint", tmp_path / "missing.pt", "--engine", "onnx", "--out", tmp_path / "o")
-    assert code == 2 and "checkpoint not found" in text
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(b"\x00not a checkpoint")
+    code, text = run_cli(capsys, "--checkpoint", tmp_path / "missing", "--engine", "onnx", "--out", tmp_path / "o")
+    assert code == 2 and "missing: not found" in text
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(ckpt, corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
     code, text = run_cli(capsys, "--checkpoint", corrupt, "--engine", "onnx", "--out", tmp_path / "o")
-    assert code == 2 and "not a readable checkpoint" in text
-    state = torch.load(ckpt, weights_only=False)
-    state["kind"] = "text_baseline"
-    baseline = tmp_path / "baseline.pt"
-    torch.save(state, baseline)
+    assert code == 2 and "model.safetensors: tensor" in text and "(file truncated)" in text
+    baseline = tmp_path / "baseline"
+    shutil.copytree(ckpt, baseline)
+    config = json.loads((baseline / "config.json").read_text())
+    (baseline / "config.json").write_text(json.dumps({**config, "model_kind": "text_baseline"}))
     code, text = run_cli(capsys, "--checkpoint", baseline, "--engine", "onnx", "--out", tmp_path / "o")
     assert code == 2 and "only Speeder models export" in text
     assert not (tmp_path / "o").exists()
@@ -293,9 +296,9 @@ def test_cli_checkpoint_errors_exit_2(ckpt, tmp_path, capsys):
 
 def test_cli_trt_without_tensorrt_says_what_to_install_before_reading_the_checkpoint(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(trt_engine, "available", lambda: False)
-    code, text = run_cli(capsys, "--checkpoint", tmp_path / "missing.pt", "--engine", "trt", "--out", tmp_path / "o")
+    code, text = run_cli(capsys, "--checkpoint", tmp_path / "missing", "--engine", "trt", "--out", tmp_path / "o")
     assert code == 2 and "pip install tensorrt" in text and "onnx, aoti" in text
-    assert "checkpoint not found" not in text and leftovers(tmp_path) == []
+    assert "not found" not in text and leftovers(tmp_path) == []
 
 
 def _failing_parity(monkeypatch):

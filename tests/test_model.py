@@ -1,7 +1,8 @@
 """The Speeder reference model: MRC, prompt layout, SPAE bias, attention backends, MPO, training, CLIs."""
 import copy
-import os
+import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from speeder_rt.model.attention import relative_bias
 from speeder_rt.model.mpo import MPOStage, validate_schedule
 from speeder_rt.model.speeder import batch_tensors
 from speeder_rt.train.config import run_config_from_dict
-from speeder_rt.train.trainer import Trainer, load_checkpoint
+from speeder_rt.train.trainer import Trainer
 
 SMALL = SyntheticConfig(n_items=120, n_users=80, seed=1)
 
@@ -217,9 +218,17 @@ def test_parameters_outside_the_stage_trainable_set_stay_bit_identical(tmp_path)
     assert any(n.startswith("mome.experts.image") for n in changed)  # the warm-up trained the new expert
 
 
-# stage 1 has 4 steps and stage 2's warm-up 3: stop inside the warm-up, and right at its last step
-@pytest.mark.parametrize("every, stop", [(3, 6), (7, 7)])
-def test_resume_from_mid_run_checkpoint_reproduces_uninterrupted_run(tmp_path, every, stop):
+@pytest.fixture
+def one_thread():
+    """Resume is bit-exact with one intra-op thread (see speeder_rt.train.trainer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def interrupted_and_resumed(tmp_path, every, stop):
+    """(uninterrupted trainer, trainer resumed from the last/ written at global step ``stop``)."""
     cfg_a = tiny_run(tmp_path / "a", checkpoint_every=every)
     a = Trainer("speeder", cfg_a, *prepared(cfg_a), log=lambda *_: None)
     a.run()
@@ -229,29 +238,73 @@ def test_resume_from_mid_run_checkpoint_reproduces_uninterrupted_run(tmp_path, e
     b1.run(stop_after_steps=stop)
     assert b1.progress.global_step == stop
     b2 = Trainer("speeder", cfg_b, *data_b, log=lambda *_: None)
-    b2.resume(tmp_path / "b" / "speeder" / "last.pt")
+    b2.resume(tmp_path / "b" / "speeder" / "last")
     b2.run()
     assert b2.progress.global_step == a.progress.global_step
-    for (n, pa), (_, pb) in zip(a.model.state_dict().items(), b2.model.state_dict().items()):
+    return a, b2
+
+
+# stage 1 has 4 steps and stage 2's warm-up 3: stop inside the warm-up, and right at its last step
+@pytest.mark.parametrize("every, stop", [(3, 6), (7, 7)])
+def test_resume_with_one_thread_reproduces_uninterrupted_run_bit_for_bit(tmp_path, one_thread, every, stop):
+    a, b = interrupted_and_resumed(tmp_path, every, stop)
+    for (n, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(pa, pb), n
+    assert b.last_metrics == a.last_metrics
+
+
+def test_resume_with_two_threads_matches_to_fp32_rounding(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a, b = interrupted_and_resumed(tmp_path, 3, 6)
+    finally:
+        torch.set_num_threads(threads)
+    for (n, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_resume_of_a_finished_run_says_so_and_trains_nothing(tmp_path, capsys):
+    from speeder_rt.train import __main__ as cli
+
+    cfg = tiny_run(tmp_path)
+    cfg.mpo = cfg.mpo[:1]
+    trainer = Trainer("speeder", cfg, *prepared(cfg), log=lambda *_: None)
+    final = trainer.run()
+    last = tmp_path / "speeder" / "last"
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "speeder").iterdir()}
+    config = tmp_path / "run.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert cli.main(["--config", str(config), "--resume", str(last)]) == 0
+    out = capsys.readouterr().out
+    assert f"{last}: the run is complete (1 phases, 4 steps); nothing to train" in out
+    assert json.loads(out[out.index("{"):]) == {"checkpoint": str(last.parent / "best"), "last_valid": final}
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "speeder").iterdir()} == before
 
 
 def test_checkpoint_errors(tmp_path):
+    from speeder_rt.model.pretrained import read_model_config
+
     cfg = tiny_run(tmp_path)
     trainer = Trainer("speeder", cfg, *prepared(cfg), log=lambda *_: None)
     trainer._start_phase(0)
-    path = trainer.save("last.pt")
-    with pytest.raises(ValueError, match="model type 'speeder', expected 'text_baseline'"):
-        load_checkpoint(path, "text_baseline")
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
-        load_checkpoint(bad)
+    path = trainer.save("last")
+    with pytest.raises(ValueError, match="a 'speeder' model, expected 'text_baseline'"):
+        read_model_config(path, "text_baseline")
+    with pytest.raises(ValueError, match=r"best: holds weights only .*--resume needs a run's last/ directory"):
+        trainer.resume(trainer.save("best"))
     other = copy.deepcopy(cfg)
-    other.model.backbone = BackboneConfig(hidden_size=96, num_heads=4, num_kv_heads=2)
+    other.model.d_expert = 48
     wider = Trainer("speeder", other, *prepared(cfg), log=lambda *_: None)
-    with pytest.raises(ValueError, match="trained with hidden size 64, this backbone has 96"):
+    with pytest.raises(ValueError, match="last: trained with model.d_expert = 32; this run's config has 48"):
         wider.resume(path)
+    trainer.progress.phase = 4  # e.g. a run of a longer schedule
+    trainer.save("last")
+    again = Trainer("speeder", cfg, *prepared(cfg), log=lambda *_: None)
+    with pytest.raises(ValueError, match="checkpointed in phase 4; this run's schedule has 3 phases"):
+        again.resume(path)
 
 
 @pytest.mark.slow

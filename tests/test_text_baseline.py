@@ -259,6 +259,42 @@ def test_hf_tokenizer_backbone_stops_on_merged_newline(synthetic, tmp_path):
     texts, _ = m.generate(b.history, b.history_len, b.candidates, max_new_tokens=8)
     assert texts[0] == tok.decode(tokens[0, : counts[0]].tolist())[: -1] and texts[0].endswith("2.")
 
+    # its model directory carries the tokenizer and the LM config: it loads with the source directory gone
+    m.save_pretrained(tmp_path / "saved")
+    for f in tmp_path.iterdir():
+        if f.is_file():
+            f.unlink()
+    again = TextItemBaseline.from_pretrained(tmp_path / "saved")
+    assert type(again.tokenizer) is type(tok) and again.tokenizer.get_vocab() == tok.get_vocab()
+    assert torch.equal(again.generate_tokens(prompts, 8)[0], tokens)
+
+
+def test_save_pretrained_round_trip_with_lora_tied_embeddings_and_item_tokens(synthetic, tmp_path):
+    data, table = synthetic
+    cfg = TextBaselineConfig(backbone=BackboneConfig(lora=LoraSettings(rank=4)), item_embedding_token=True)
+    torch.manual_seed(0)
+    m = TextItemBaseline(cfg, table)
+    with torch.no_grad():  # LoRA's B starts at zero: give the adapters an effect
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    m.eval()
+    path = m.save_pretrained(tmp_path / "m")
+    again = TextItemBaseline.from_pretrained(path)
+    a, b = m.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again.lm.get_output_embeddings().weight is again.lm.get_input_embeddings().weight  # still tied
+    batch = data.test.subset(slice(0, 4))
+    assert again.generate(batch.history, batch.history_len, batch.candidates) == \
+        m.generate(batch.history, batch.history_len, batch.candidates)
+    merged = TextItemBaseline.from_pretrained(m.save_pretrained(tmp_path / "merged", merge_lora=True))
+    assert merged.cfg.backbone.lora is None
+    prompts = m.build_prompts(batch.history, batch.history_len, batch.candidates)
+    with torch.no_grad():
+        want = m.lm(**m.model_inputs(prompts), attention_mask=prompts.attention_mask).logits
+        got = merged.lm(**merged.model_inputs(prompts), attention_mask=prompts.attention_mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
 
 @pytest.mark.slow
 def test_short_training_lowers_loss_and_yields_valid_outputs(synthetic):

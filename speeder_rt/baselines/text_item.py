@@ -14,7 +14,7 @@ underneath stays a plain transformers causal LM (optionally peft-wrapped), calle
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from speeder_rt.data.item_table import ItemTable
 from speeder_rt.data.sequences import SequenceData
 from speeder_rt.eval.metrics import ranking_metrics
 from speeder_rt.model.backbone import BackboneConfig, apply_lora, load_backbone
+from speeder_rt.model.pretrained import PretrainedModel
 from speeder_rt.utils.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -139,13 +140,20 @@ def _as_numpy(x: IdArray) -> np.ndarray:
     return (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.int64, copy=False)
 
 
-class TextItemBaseline(nn.Module):
+class TextItemBaseline(PretrainedModel, nn.Module):
     """Items as title tokens on the backbone's causal LM (``self.lm``); see the module docstring."""
 
-    def __init__(self, cfg: TextBaselineConfig, table: ItemTable) -> None:
+    model_kind = "text_baseline"
+    config_class = TextBaselineConfig
+
+    def __init__(self, cfg: TextBaselineConfig, table: ItemTable, backbone: tuple[nn.Module, Any] | None = None) -> None:
+        """``backbone``: an already built (causal LM, tokenizer or None) to use instead of loading
+        ``cfg.backbone`` (a model directory builds its own from its files)."""
         super().__init__()
         self.cfg = cfg
-        lm, hf_tokenizer = load_backbone(cfg.backbone, attn_implementation="sdpa")
+        self.item_table = table
+        lm, hf_tokenizer = backbone or load_backbone(cfg.backbone, attn_implementation="sdpa")
+        self.lm_config = lm.config
         if hf_tokenizer is not None:
             self.codec: _HFCodec | _WordCodec = _HFCodec(hf_tokenizer)
         else:

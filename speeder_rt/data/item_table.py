@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from safetensors.numpy import save_file
 
 from speeder_rt.utils.io import atomic_dir
+from speeder_rt.utils.readers import read_json_fields, read_safetensors
 
 FORMAT_VERSION = 1
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -131,72 +131,18 @@ class ItemTable:
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> "ItemTable":
         """Load a table saved by :meth:`save`; with ``mmap`` the feature matrices map the file's pages."""
         path = Path(path)
-        index_file = path / "items.json"
-        if not index_file.is_file():
-            raise ValueError(f"{index_file}: missing (not an ItemTable directory)")
-        try:
-            index = json.loads(index_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{index_file}: line {e.lineno}: invalid JSON ({e.msg})") from None
-        for field_name in ("format_version", "modalities", "item_keys", "titles", "descriptions"):
-            if field_name not in index:
-                raise ValueError(f"{index_file}: field {field_name!r} missing")
-        if index["format_version"] != FORMAT_VERSION:
-            raise ValueError(f"{index_file}: field 'format_version' is {index['format_version']}, expected {FORMAT_VERSION}")
+        index = read_json_fields(path / "items.json", ("modalities", "item_keys", "titles", "descriptions"),
+                                 FORMAT_VERSION, "not an ItemTable directory")
         table = cls(index["item_keys"], index["titles"], index["descriptions"])
         table.meta = dict(index.get("meta", {}))
         if index["modalities"]:
-            arrays = _read_safetensors(path / "features.safetensors", mmap=mmap)
+            n = len(table)
+            expected = {}
             for m in index["modalities"]:
-                for suffix in ("features", "available"):
-                    if f"{m}.{suffix}" not in arrays:
-                        raise ValueError(f"{path / 'features.safetensors'}: tensor '{m}.{suffix}' missing")
-                feats, avail = arrays[f"{m}.features"], arrays[f"{m}.available"]
-                if feats.ndim != 2 or feats.shape[0] != len(table) or avail.shape != (len(table),):
-                    raise ValueError(
-                        f"{path / 'features.safetensors'}: tensor '{m}.features' shape {list(feats.shape)} "
-                        f"does not fit {len(table)} items"
-                    )
-                table.features[m] = torch.from_numpy(feats)
-                table.available[m] = torch.from_numpy(avail.astype(bool))
+                expected[f"{m}.features"] = (torch.float16, (n, None))
+                expected[f"{m}.available"] = (torch.uint8, (n,))
+            tensors = read_safetensors(path / "features.safetensors", expected, mmap=mmap)
+            for m in index["modalities"]:
+                table.features[m] = tensors[f"{m}.features"]
+                table.available[m] = tensors[f"{m}.available"].bool()
         return table
-
-
-_SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "U8": np.uint8, "I64": np.int64, "BF16": None}
-
-
-def _read_safetensors(file: Path, mmap: bool) -> dict[str, np.ndarray]:
-    """Read a safetensors file as numpy arrays; with ``mmap`` each array is a copy-on-write memory map."""
-    if not file.is_file():
-        raise ValueError(f"{file}: missing")
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{file}: truncated header")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise ValueError(f"{file}: header length {header_len} exceeds file size {size}")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file}: corrupt header ({e})") from None
-    base = 8 + header_len
-    out: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if base + end > size or end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
-            raise ValueError(f"{file}: tensor {name!r} data offsets {start}..{end} do not fit the file")
-        if mmap and end > start:
-            out[name] = np.memmap(file, dtype=dtype, mode="c", offset=base + start, shape=shape)
-        else:
-            with open(file, "rb") as f:
-                f.seek(base + start)
-                out[name] = np.frombuffer(f.read(end - start), dtype=dtype).reshape(shape).copy()
-    return out

@@ -1,4 +1,8 @@
-"""python -m speeder_rt.eval --checkpoint CKPT [--split test|valid] [--full-catalog] [--out FILE.json]"""
+"""python -m speeder_rt.eval --checkpoint MODEL_DIR [--split test|valid] [--full-catalog] [--out FILE.json]
+
+MODEL_DIR is a model directory a run wrote (``<out_dir>/<model>/best`` or ``last``). Only it is read: the model
+from its files, the data split rebuilt from its recorded recipe; nothing is trained or cached.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,15 +15,19 @@ from speeder_rt.utils.io import write_json
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m speeder_rt.eval", description="Evaluate a trained checkpoint.")
-    parser.add_argument("--checkpoint", required=True)
+    parser = argparse.ArgumentParser(prog="python -m speeder_rt.eval", description="Evaluate a trained model directory.")
+    parser.add_argument("--checkpoint", required=True, help="a model directory (e.g. runs/demo/speeder/best)")
     parser.add_argument("--split", default="test", choices=["test", "valid"])
     parser.add_argument("--full-catalog", action="store_true", help="rank against every item instead of 20 candidates")
-    parser.add_argument("--out", help="metrics JSON (default: <checkpoint dir>/metrics_<split>[_full_catalog].json)")
+    parser.add_argument("--out", help="metrics JSON (default: beside the model directory, "
+                                      "<checkpoint>_metrics_<split>[_full_catalog].json)")
     args = parser.parse_args(argv)
+    from speeder_rt.model.pretrained import read_model_config
     from speeder_rt.train.trainer import load_trained
 
     try:
+        if args.full_catalog and read_model_config(args.checkpoint)["model_kind"] != "speeder":
+            raise ValueError("the text-item baseline generates titles; it has no full-catalog ranking")
         model, cfg, data, _, kind = load_trained(args.checkpoint)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -27,17 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     if kind == "speeder":
         metrics = evaluate(model, data, args.split, full_catalog=args.full_catalog)
     else:
-        if args.full_catalog:
-            print("error: the text-item baseline generates titles; it has no full-catalog ranking", file=sys.stderr)
-            return 2
         metrics = model.evaluate(data, args.split, limit=None)
     mode = "full catalog" if args.full_catalog else f"{data.config.num_candidates} candidates"
     print(f"{kind} on {args.split} ({mode}, {len(data.split(args.split))} users):")
     columns = [c for c in ("VHR@1", "HR@1", "HR@5", "NDCG@10", "MRR", "valid_ratio") if c in metrics]
     print(format_table({kind: metrics}, columns))
     suffix = "_full_catalog" if args.full_catalog else ""
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"metrics_{args.split}{suffix}.json")
-    write_json(out, {"checkpoint": str(args.checkpoint), "split": args.split, "mode": mode, "metrics": metrics})
+    checkpoint = Path(args.checkpoint)
+    out = Path(args.out) if args.out else checkpoint.with_name(f"{checkpoint.name}_metrics_{args.split}{suffix}.json")
+    write_json(out, {"checkpoint": str(checkpoint.resolve()), "split": args.split, "mode": mode, "metrics": metrics})
     print(f"wrote {out}")
     return 0
 

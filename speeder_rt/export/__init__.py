@@ -106,7 +106,7 @@ def export_checkpoint(checkpoint: str | Path, engine: str, out: str | Path, *, d
                       max_batch: int = 64, max_history: int | None = None, max_candidates: int = 100, topk: int = 10,
                       atol: float | None = None, attn_backend: str = "sdpa", device: str = "auto", force: bool = False,
                       allow_mismatch: bool = False, log: Callable[[str], None] = print) -> ExportResult:
-    """Export a Speeder checkpoint (``best.pt`` / ``last.pt``); ``max_history`` defaults to the model's."""
+    """Export a Speeder model directory (a run's ``best/`` or ``last/``); ``max_history`` defaults to the model's."""
     out = Path(out)
     known = Ranges(max_batch, 1 if max_history is None else max_history, max_candidates)
     _check_options(engine, out, dtype, known, topk, attn_backend, force)
@@ -119,18 +119,18 @@ def export_checkpoint(checkpoint: str | Path, engine: str, out: str | Path, *, d
 
 
 def load_speeder(path: str | Path) -> SpeederModel:
-    """The Speeder model of a checkpoint, on the CPU in eval mode; ExportError for any other checkpoint."""
-    from speeder_rt.train.trainer import load_checkpoint, model_from_checkpoint
+    """The Speeder model of a model directory, on the CPU in eval mode; ExportError for anything else (a pickled
+    checkpoint is refused unread, a text-baseline model has no scoring graph)."""
+    from speeder_rt.model.pretrained import read_model_config
 
     try:
-        ckpt = load_checkpoint(path)
-        if ckpt["kind"] != "speeder":
-            raise ValueError(f"{path}: a {ckpt['kind']!r} checkpoint; only Speeder models export (the text-item "
-                             "baseline generates titles token by token and has no scoring graph)")
-        model = model_from_checkpoint(ckpt, path)[0]
+        kind = read_model_config(path)["model_kind"]
+        if kind != "speeder":
+            raise ValueError(f"{path}: a {kind!r} model; only Speeder models export (the text-item baseline "
+                             "generates titles token by token and has no scoring graph)")
+        return SpeederModel.from_pretrained(path)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    return model.eval()
 
 
 def export_model(model: SpeederModel, engine: str, out: str | Path, *, dtype: str = "fp32", ranges: Ranges | None = None,

@@ -1,7 +1,8 @@
-"""python -m speeder_rt.export --checkpoint CKPT --engine onnx|trt|aoti --out DIR [options]
+"""python -m speeder_rt.export --checkpoint MODEL_DIR --engine onnx|trt|aoti --out DIR [options]
 
 Exit status: 0 written; 1 parity outside --atol (nothing written unless --allow-mismatch); 2 bad input
-(missing or corrupt checkpoint, text-baseline checkpoint, ranges, existing --out, TensorRT missing).
+(missing or corrupt model directory, a pickled checkpoint, a text-baseline model, ranges, existing --out,
+TensorRT missing).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from speeder_rt.export.graph import DTYPES, EXPORT_BACKENDS
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m speeder_rt.export",
                                      description="Export a Speeder checkpoint's scoring graphs, parity-checked against PyTorch.")
-    parser.add_argument("--checkpoint", required=True, help="a best.pt / last.pt of a Speeder run")
+    parser.add_argument("--checkpoint", required=True, help="a Speeder model directory (e.g. runs/demo/speeder/best)")
     parser.add_argument("--engine", required=True, choices=ENGINES)
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))

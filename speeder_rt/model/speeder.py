@@ -16,6 +16,7 @@ launch from the item-token table); the other backends use the PyTorch reference 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from speeder_rt.data.sequences import PAD, Samples
 from speeder_rt.model import attention
 from speeder_rt.model.backbone import BackboneConfig, apply_lora, load_backbone
 from speeder_rt.model.mome import MixtureOfModalityExperts
+from speeder_rt.model.pretrained import PretrainedModel
 from speeder_rt.model.prompt import PromptLayout, TemplateConfig, assemble_prompt, layout, template_ids
 from speeder_rt.utils.schema import PositiveInt, check, invalid
 
@@ -64,16 +66,23 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return "triton" if torch.device(device).type == "cuda" else "reference"
 
 
-class SpeederModel(nn.Module):
-    def __init__(self, cfg: SpeederConfig, table: ItemTable) -> None:
+class SpeederModel(PretrainedModel, nn.Module):
+    model_kind = "speeder"
+    config_class = SpeederConfig
+
+    def __init__(self, cfg: SpeederConfig, table: ItemTable, backbone: tuple[nn.Module, Any] | None = None) -> None:
+        """``backbone``: an already built (causal LM, tokenizer or None) to use instead of loading
+        ``cfg.backbone`` (a model directory builds its own from its files)."""
         super().__init__()
         missing = [m for m in cfg.modalities if m not in table.modalities]
         if missing:
             raise ValueError(f"modalities {missing} are not in the ItemTable (it has {table.modalities})")
         self.cfg = cfg
+        self.item_table = table
         self.num_items = len(table)
         backend = resolve_backend(cfg.attn_backend, "cpu")
-        lm, tokenizer = load_backbone(cfg.backbone, attention.implementation_name(backend))
+        lm, tokenizer = backbone or load_backbone(cfg.backbone, attention.implementation_name(backend))
+        self.tokenizer, self.lm_config = tokenizer, lm.config
         decoder = lm.get_decoder()
         self.decoder = apply_lora(decoder, cfg.backbone.lora) if cfg.backbone.lora else decoder
         hidden = lm.config.hidden_size
@@ -90,15 +99,21 @@ class SpeederModel(nn.Module):
         self.slopes = nn.Parameter((2.0 ** (-8.0 * heads / self.num_heads)).repeat(self.num_layers, 1))
         self.head = nn.Linear(hidden, hidden)
 
-        for m in cfg.modalities:
-            self.register_buffer(f"features_{m}", table.features[m].clone())
-        self.register_buffer("available", torch.stack([table.available[m] for m in cfg.modalities], dim=1))
+        for name, tensor in self.item_table_buffers().items():
+            self.register_buffer(name, tensor.clone())
         self.register_buffer("enabled", torch.ones(len(cfg.modalities), dtype=torch.bool))
         ids = template_ids(cfg.template, tokenizer)
         self.template_sizes = (len(ids["prefix"]), len(ids["middle"]), len(ids["suffix"]))
         self.register_buffer("template", torch.tensor(ids["prefix"] + ids["middle"] + ids["suffix"] + ids["pred"]))
         self.to(cfg.backbone.torch_dtype)
         self.set_backend(backend)
+
+    def item_table_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers built from the item table (``features_<m>``, ``available`` [N, M]), as the table holds them."""
+        table = self.item_table
+        buffers = {f"features_{m}": table.features[m] for m in self.cfg.modalities}
+        buffers["available"] = torch.stack([table.available[m] for m in self.cfg.modalities], dim=1)
+        return buffers
 
     # -- configuration -------------------------------------------------------------------------
     def set_backend(self, backend: str) -> None:

@@ -58,10 +58,14 @@ class Recommender:
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, max_topk: int = 100) -> Recommender:
-        """An export directory (engine from its export.json), or a checkpoint file (PyTorch, top-k up to
-        ``max_topk``). ``device``: for ONNX Runtime and checkpoints; packages and plans keep their own."""
+        """An export directory (engine from its export.json), or a Speeder model directory (PyTorch, top-k up to
+        ``max_topk``; a pickled checkpoint is refused unread). ``device``: for ONNX Runtime and model
+        directories; packages and plans keep their own."""
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() and not (path / "config.json").is_file():
+            if not (path / "export.json").is_file():
+                raise ValueError(f"{path}: neither an export directory (no export.json) nor a model directory "
+                                 "(no config.json)")
             runner, meta = load_runner(path, device)
             return cls(runner, meta["num_items"], Ranges(**meta["ranges"]), meta["engine"], meta)
         model = load_speeder(path)

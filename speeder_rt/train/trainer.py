@@ -5,15 +5,20 @@ experts and the gate train, for ``warmup_steps`` steps) then the stage's main ph
 ``epochs`` epochs). The text-item baseline: one main phase over its trainable weights.
 
 Every batch is a pure function of (seed, stage, phase, epoch): the epoch's sample order and its training
-candidates (target + 19 never-seen items) are drawn from a generator seeded by those numbers. A
-checkpoint stores model, optimizer, scheduler, progress and the torch RNG state, so resuming from it
-reproduces the uninterrupted run bit for bit. Checkpoints are written atomically; ``best.pt`` holds the
-weights with the best validation metric, ``last.pt`` everything needed to resume.
+candidates (target + 19 never-seen items) are drawn from a generator seeded by those numbers. Checkpoints
+are model directories (``speeder_rt.model.pretrained``), written atomically: ``<out_dir>/<kind>/best/`` holds
+the model with the best validation metric, ``last/`` the latest one plus its resume state (optimizer,
+scheduler, progress, RNG). Resuming from ``last/`` reproduces the uninterrupted run bit for bit when both
+processes compute with one intra-op thread (``torch.set_num_threads(1)``); with more, CPU kernels (MKL's
+threaded GEMMs) may sum in a different order from run to run, so even two uninterrupted runs agree only to
+fp32 rounding (measured on 2 threads: up to 5.6e-6 in the weights after configs/demo.yaml's run reduced to
+text+image and 1,024 samples per epoch), and so does a resumed one. Resuming a finished run loads its state and trains nothing (``complete``).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +32,12 @@ from speeder_rt.data import ItemTable, SequenceData
 from speeder_rt.data.sequences import draw_candidates
 from speeder_rt.eval.protocol import evaluate
 from speeder_rt.model.mpo import default_schedule, new_modalities, set_trainable, validate_schedule
+from speeder_rt.model.pretrained import (MODEL_KINDS, ITEMS, RESUME_TENSORS, ResumeState, check_model_dir,
+                                         load_model_dir, load_named_optimizer_state, load_weights,
+                                         named_optimizer_state, read_model_config, read_resume_state, save_model_dir)
 from speeder_rt.model.speeder import SpeederModel, resolve_backend
 from speeder_rt.train.config import RunConfig, run_config_from_dict
-from speeder_rt.utils.io import atomic_path
 
-MODEL_KINDS = ("speeder", "text_baseline")
 PHASE_CODES = {"warmup": 0, "main": 1}
 
 
@@ -76,35 +82,71 @@ def build_model(kind: str, cfg: RunConfig, table: ItemTable, device: torch.devic
     return model.to(device)
 
 
-def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "kind" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path}: not a speeder_rt checkpoint (fields 'kind'/'config' missing)")
-    if kind is not None and ckpt["kind"] != kind:
-        raise ValueError(f"{path}: checkpoint is of model type {ckpt['kind']!r}, expected {kind!r}")
-    return ckpt
+def run_phases(kind: str, cfg: RunConfig) -> list[Phase]:
+    """The run's phases: the text baseline's one, or per MPO stage an optional warm-up and the main phase."""
+    if kind == "text_baseline":
+        tb = cfg.text_baseline
+        return [Phase(0, "main", [], ["all"], tb.lr, epochs=tb.epochs)]
+    stages = cfg.mpo or default_schedule(cfg.model.modalities, **cfg.mpo_defaults,
+                                         full_finetune=cfg.model.backbone.lora is None)
+    validate_schedule(stages, cfg.model.modalities)
+    phases = []
+    for i, s in enumerate(stages):
+        fresh = new_modalities(stages, i)
+        if i > 0 and fresh and s.warmup_steps > 0:
+            phases.append(Phase(i, "warmup", s.modalities, [f"expert:{m}" for m in fresh] + ["gate"], s.lr, steps=s.warmup_steps))
+        phases.append(Phase(i, "main", s.modalities, s.trainable, s.lr, epochs=s.epochs))
+    return phases
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """``model.load_state_dict`` with a clear error for a checkpoint of another shape."""
-    own = model.state_dict()
-    head = state.get("head.weight")
-    if head is not None and "head.weight" in own and head.shape != own["head.weight"].shape:
-        raise ValueError(f"{path}: checkpoint was trained with hidden size {head.shape[0]}, "
-                         f"this backbone has {own['head.weight'].shape[0]}")
-    for name, tensor in state.items():
-        if name in own and own[name].shape != tensor.shape:
-            raise ValueError(f"{path}: tensor {name!r} has shape {list(tensor.shape)}, the model expects "
-                             f"{list(own[name].shape)}")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+def phase_parameters(model: torch.nn.Module, kind: str, phase: Phase) -> list[torch.nn.Parameter]:
+    """Set up ``model`` for ``phase`` (enabled modalities, requires_grad) and return what its optimizer trains."""
+    if kind == "text_baseline":
+        return [p for p in model.parameters() if p.requires_grad]
+    model.set_enabled_modalities(phase.modalities)
+    return set_trainable(model, phase.trainable, phase.modalities)
+
+
+def recorded_config(cfg: RunConfig) -> dict[str, Any]:
+    """The run config as a model directory records it: every path absolute (resolved against the current
+    directory), so eval rebuilds the same data from any working directory."""
+    raw = cfg.to_dict()
+    absolute = os.path.abspath
+    raw["out_dir"] = absolute(raw["out_dir"])
+    data = raw["data"]
+    kind, sep, arg = data["source"].partition(":")
+    if sep and arg:
+        reviews, comma, meta = arg.partition(",") if kind == "amazon" else (arg, "", "")
+        data["source"] = f"{kind}:{absolute(reviews)}" + (f",{absolute(meta)}" if comma and meta else "")
+    if data.get("image_features"):
+        data["image_features"] = absolute(data["image_features"])
+    backbone = raw["model"]["backbone"]
+    if backbone.get("pretrained"):
+        backbone["pretrained"] = absolute(backbone["pretrained"])
+    if backbone.get("gguf_file") not in (None, "smollm2"):
+        backbone["gguf_file"] = absolute(backbone["gguf_file"])
+    return raw
+
+
+def check_table_fits(data: SequenceData, table: ItemTable, where: str | Path) -> None:
+    """The dense item ids of ``data`` must mean the items of ``table`` (the one a model was trained with)."""
+    if data.item_keys != table.item_keys:
+        n = min(len(data.item_keys), len(table.item_keys))
+        i = next((i for i in range(n) if data.item_keys[i] != table.item_keys[i]), n)
+        first = (f"id {i} is {data.item_keys[i]!r} in the data, {table.item_keys[i]!r} in the table" if i < n
+                 else f"{len(data.item_keys)} items in the data, {len(table.item_keys)} in the table")
+        raise ValueError(f"{where}: the data no longer fits the model's item table ({first})")
+
+
+def _first_difference(a: Any, b: Any, key: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted key, a's value, b's value) of the first place two JSON values differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in [*a, *(k for k in b if k not in a)]:
+            found = _first_difference(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+            if found:
+                return found
+        return None
+    return None if a == b else (key, a, b)
 
 
 def _seed(*parts: int) -> int:
@@ -119,33 +161,17 @@ class Trainer:
         self.device = pick_device(cfg.train.device)
         torch.manual_seed(cfg.seed)
         self.model = build_model(kind, cfg, table, self.device)
-        self.phases = self._phases()
+        self.phases = run_phases(kind, cfg)
         self.out = Path(cfg.out_dir) / kind
         self.progress = Progress()
+        self.last_metrics: dict[str, float] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 
-    # -- schedule ------------------------------------------------------------------------------
-    def _phases(self) -> list[Phase]:
-        if self.kind == "text_baseline":
-            tb = self.cfg.text_baseline
-            return [Phase(0, "main", [], ["all"], tb.lr, epochs=tb.epochs)]
-        stages = self.cfg.mpo or default_schedule(self.cfg.model.modalities, **self.cfg.mpo_defaults,
-                                                  full_finetune=self.cfg.model.backbone.lora is None)
-        validate_schedule(stages, self.cfg.model.modalities)
-        phases = []
-        for i, s in enumerate(stages):
-            fresh = new_modalities(stages, i)
-            if i > 0 and fresh and s.warmup_steps > 0:
-                phases.append(Phase(i, "warmup", s.modalities, [f"expert:{m}" for m in fresh] + ["gate"], s.lr, steps=s.warmup_steps))
-            phases.append(Phase(i, "main", s.modalities, s.trainable, s.lr, epochs=s.epochs))
-        return phases
-
-    def _trainable(self, phase: Phase) -> list[torch.nn.Parameter]:
-        if self.kind == "text_baseline":
-            return [p for p in self.model.parameters() if p.requires_grad]
-        self.model.set_enabled_modalities(phase.modalities)
-        return set_trainable(self.model, phase.trainable, phase.modalities)
+    @property
+    def complete(self) -> bool:
+        """Every phase is done (a finished run, or one resumed from a finished run's last/)."""
+        return self.progress.phase >= len(self.phases)
 
     def _epoch_batches(self, phase_index: int, epoch: int) -> tuple[Any, list[np.ndarray]]:
         phase = self.phases[phase_index]
@@ -172,7 +198,7 @@ class Trainer:
 
     def _start_phase(self, phase_index: int) -> None:
         phase = self.phases[phase_index]
-        params = self._trainable(phase)
+        params = phase_parameters(self.model, self.kind, phase)
         self.optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=self.cfg.train.weight_decay)
         total = max(1, self._phase_steps(phase_index))
         ramp = max(1, total // 20)
@@ -181,35 +207,66 @@ class Trainer:
             self.optimizer, lambda s: min((s + 1) / ramp, max(0.1, 1.0 - 0.9 * (s - ramp) / max(1, total - ramp))))
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _state(self, full: bool) -> dict[str, Any]:
-        state = {"kind": self.kind, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
-                 "progress": dataclasses.asdict(self.progress), "table_dir": str(Path(self.cfg.out_dir) / "items")}
-        if full:
-            state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                         rng=torch.get_rng_state(),
-                         cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-        return state
-
-    def save(self, name: str, full: bool = True) -> Path:
-        path = self.out / name
-        with atomic_path(path) as tmp:
-            torch.save(self._state(full), tmp)
-        return path
+    def save(self, name: str) -> Path:
+        """Write ``<out_dir>/<kind>/<name>/`` atomically: ``best`` (the model) or ``last`` (the model and its
+        resume state)."""
+        resume = None
+        if name == "last":
+            p = self.progress
+            progress = {**dataclasses.asdict(p), "best_metric": p.best_metric if math.isfinite(p.best_metric) else None}
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng.update((f"cuda:{i}", s) for i, s in enumerate(torch.cuda.get_rng_state_all()))
+            resume = ResumeState(progress, named_optimizer_state(self.model, self.optimizer), self.scheduler.state_dict(),
+                                 rng, {"last_valid": self.last_metrics, "intra_op_threads": torch.get_num_threads()})
+        return save_model_dir(self.out / name, self.model, run_config=recorded_config(self.cfg), resume=resume)
 
     def resume(self, path: str | Path) -> None:
-        ckpt = load_checkpoint(path, self.kind)
-        if "optimizer" not in ckpt:
-            raise ValueError(f"{path}: holds weights only (a best.pt); resume needs a last.pt")
-        load_weights(self.model, ckpt["model"], path)
-        self.progress = Progress(**ckpt["progress"])
-        self._start_phase(self.progress.phase)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"])
-        if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        self.log(f"resumed from {path} at phase {self.progress.phase}, epoch {self.progress.epoch}, "
-                 f"step {self.progress.step_in_epoch} (global step {self.progress.global_step})")
+        """Continue from a run's ``last/`` directory (a finished run's leaves ``complete`` True)."""
+        path = check_model_dir(path)
+        config = read_model_config(path, self.kind)
+        state = read_resume_state(path)
+        own = self.model.cfg.to_dict()
+        diff = _first_difference({**config["model_config"], "attn_backend": own.get("attn_backend")}, own)
+        if diff:  # the attention backend computes the same function, so a run may switch it (e.g. CPU -> GPU)
+            raise ValueError(f"{path}: trained with model.{diff[0]} = {diff[1]!r}; this run's config has {diff[2]!r}")
+        self._check_table(path / ITEMS)
+        load_weights(self.model, path)
+        progress = dict(state.progress)
+        progress["best_metric"] = float("-inf") if progress.get("best_metric") is None else progress["best_metric"]
+        self.progress = Progress(**progress)
+        self.last_metrics = dict(state.facts.get("last_valid") or {})
+        p = self.progress
+        if p.phase > len(self.phases):
+            raise ValueError(f"{path}: checkpointed in phase {p.phase}; this run's schedule has {len(self.phases)} phases")
+        if self.complete:
+            self.log(f"{path}: the run is complete ({len(self.phases)} phases, {p.global_step} steps); nothing to train")
+            return
+        self._start_phase(p.phase)
+        load_named_optimizer_state(self.model, self.optimizer, state.optimizer, path / RESUME_TENSORS)
+        self.scheduler.load_state_dict(state.scheduler)
+        torch.set_rng_state(state.rng["cpu"])
+        cuda = [state.rng[k] for k in sorted(state.rng) if k.startswith("cuda:")]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        self.log(f"resumed from {path} at phase {p.phase}, epoch {p.epoch}, step {p.step_in_epoch} "
+                 f"(global step {p.global_step})")
+        threads = (state.facts.get("intra_op_threads"), torch.get_num_threads())
+        if threads != (1, 1):
+            self.log(f"note: checkpointed with {threads[0] or 'an unknown number of'} intra-op threads, resuming with "
+                     f"{threads[1]}: the result matches the uninterrupted run to fp32 rounding; bit for bit only with "
+                     "torch.set_num_threads(1) in both")
+
+    def _check_table(self, saved: Path) -> None:
+        """The run's item table must be the one the checkpoint was trained with (same items and features)."""
+        table = ItemTable.load(saved)
+        if table.item_keys != self.table.item_keys or table.titles != self.table.titles:
+            raise ValueError(f"{saved}: the checkpoint's items (keys or titles) differ from this run's item table")
+        for m in table.modalities:
+            if m not in self.table.features or not (torch.equal(table.features[m], self.table.features[m])
+                                                    and torch.equal(table.available[m], self.table.available[m])):
+                raise ValueError(f"{saved}: modality {m!r} differs from this run's item table (features rebuilt "
+                                 "since the checkpoint); resume with the checkpoint's table (the train CLI does)")
 
     # -- loop ----------------------------------------------------------------------------------
     def _loss(self, samples, idx: np.ndarray) -> torch.Tensor:
@@ -227,9 +284,10 @@ class Trainer:
         start = time.perf_counter()
         metric_name = "NDCG@10" if self.kind == "speeder" else "VHR@1"
         p = self.progress
+        if self.complete:
+            return self.last_metrics
         if self.optimizer is None:
             self._start_phase(p.phase)
-        last_metrics: dict[str, float] = {}
         while p.phase < len(self.phases):
             phase = self.phases[p.phase]
             self.model.train()
@@ -254,7 +312,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{seen / (time.perf_counter() - tic):.0f}")
                     if self.cfg.train.checkpoint_every and p.global_step % self.cfg.train.checkpoint_every == 0:
-                        self.save("last.pt")
+                        self.save("last")
                         if stop_after_steps is not None and p.global_step >= stop_after_steps:
                             bar.close()
                             return {}
@@ -265,18 +323,18 @@ class Trainer:
                     p.epoch, p.step_in_epoch = p.epoch + 1, 0
                     continue
                 p.epoch, p.step_in_epoch = p.epoch + 1, 0
-                last_metrics = self.validate()
+                self.last_metrics = self.validate()
                 self.log(f"{self.kind} stage {phase.stage} ({'+'.join(phase.modalities) or 'text'}) epoch {p.epoch}: "
-                         f"valid {metric_name} {last_metrics[metric_name]:.4f}  ({time.perf_counter() - start:.1f}s)")
-                if last_metrics[metric_name] > p.best_metric:
-                    p.best_metric = last_metrics[metric_name]
-                    self.save("best.pt", full=False)
-                self.save("last.pt")
+                         f"valid {metric_name} {self.last_metrics[metric_name]:.4f}  ({time.perf_counter() - start:.1f}s)")
+                if self.last_metrics[metric_name] > p.best_metric:
+                    p.best_metric = self.last_metrics[metric_name]
+                    self.save("best")
+                self.save("last")
             p.phase, p.epoch, p.step_in_epoch = p.phase + 1, 0, 0
             if p.phase < len(self.phases):
                 self._start_phase(p.phase)
-        self.save("last.pt")
-        return last_metrics
+        self.save("last")
+        return self.last_metrics
 
     def _warmup_done(self, phase: Phase) -> bool:
         """A warm-up phase ends after ``phase.steps`` steps (checked before each step, so a resume from a
@@ -288,18 +346,21 @@ class Trainer:
         return sum(self._phase_steps(i) for i in range(self.progress.phase))
 
 
-def load_trained(path: str | Path, kind: str | None = None, device: str | torch.device = "cpu"):
-    """(model with the checkpoint's weights, RunConfig, data, table, kind) from a best.pt or last.pt."""
-    return model_from_checkpoint(load_checkpoint(path, kind), path, device)
+def load_trained(path: str | Path, kind: str | None = None):
+    """(model in eval mode on the CPU, RunConfig, data, item table, kind) of a model directory that a run wrote.
 
+    Reads only the directory; the data split is rebuilt from the recorded recipe (the files it names, synthetic
+    data from its seed), never features, SASRec or ``<out_dir>/items``.
+    """
+    config = read_model_config(path, kind)
+    if config.get("run_config") is None:
+        raise ValueError(f"{Path(path) / 'config.json'}: no run_config (a model saved outside a training run), so "
+                         "there is no data recipe to rebuild the split from; evaluate it with "
+                         "speeder_rt.eval.protocol.evaluate on your own SequenceData")
+    from speeder_rt.train.data import load_sequences
 
-def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild an already loaded checkpoint's model (eval mode), with its config, data and item table."""
-    from speeder_rt.train.data import prepare
-
-    cfg = run_config_from_dict(ckpt["config"], f"{path}: config")
-    data, table = prepare(cfg, log=lambda *_: None)
-    model = build_model(ckpt["kind"], cfg, table, torch.device(device))
-    load_weights(model, ckpt["model"], path)
-    model.eval()
-    return model, cfg, data, table, ckpt["kind"]
+    cfg = run_config_from_dict(config["run_config"], f"{Path(path) / 'config.json'}: run_config")
+    model = load_model_dir(path, kind)
+    _, _, data = load_sequences(cfg)
+    check_table_fits(data, model.item_table, path)
+    return model, cfg, data, model.item_table, config["model_kind"]

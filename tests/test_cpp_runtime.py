@@ -18,6 +18,7 @@ import torch
 from speeder_rt.export import export_checkpoint
 from speeder_rt.runtime import Recommender
 from speeder_rt.runtime.cpp import CppRecommender, available
+from speeder_rt.runtime.validation import RequestError
 from speeder_rt.train.config import run_config_from_dict
 from speeder_rt.train.data import prepare
 from speeder_rt.train.trainer import Trainer
@@ -102,20 +103,21 @@ def test_binding_answers_8_threads_at_once_with_identical_results(export_dir):
 
 @pytest.mark.parametrize("history, candidates, message", BAD_REQUESTS)
 def test_bad_requests_raise_the_python_runtimes_errors(cpp_rec, python_rec, history, candidates, message):
-    for rec in (cpp_rec, python_rec):
-        with pytest.raises(ValueError, match=message):
+    for rec in (cpp_rec, python_rec):  # every method and runtime: tests/test_request_contract.py
+        with pytest.raises(RequestError, match=message):
             rec.recommend(history, candidates)
 
 
 def test_bad_topk_batch_and_load_requests_raise(cpp_rec, tmp_path):
-    with pytest.raises(ValueError, match=r"k=6: this export answers 1 <= k <= 5"):
+    with pytest.raises(RequestError, match=r"^k: 6 is outside 1..max_topk=5$"):
         cpp_rec.topk([[1]], k=6)
-    with pytest.raises(ValueError, match=r"requests\[1\].candidates: 0 candidates per user"):
+    with pytest.raises(RequestError, match=r"^requests\[1\].candidates: 0 candidates per user"):
         cpp_rec.recommend_batch([([1], [2]), ([1], [])])
-    with pytest.raises(ValueError, match=r"requests\[0\].history: item ids must be in 0..119"):
+    with pytest.raises(RequestError, match=r"^requests\[0\].history: item ids must be in 0..119, got 500$"):
         cpp_rec.recommend_batch([([500], [2])])
-    with pytest.raises(ValueError, match="not an export directory"):
+    with pytest.raises(ValueError, match="not an export directory") as caught:
         CppRecommender.load(tmp_path)
+    assert not isinstance(caught.value, RequestError)  # a load error, not a request's
     (tmp_path / "export.json").write_text('{"format": 1, "engine": "onnx"}')
     with pytest.raises(ValueError, match=r"engine 'onnx'; the C\+\+ runtime serves AOTInductor exports"):
         CppRecommender.load(tmp_path)
@@ -148,15 +150,38 @@ def test_example_program_prints_the_python_runtimes_top_candidate(export_dir, py
         assert int(latency) > 0
 
 
+# (line, the same request from Python): speeder_serve answers with the contract's message for it
+TEXT_REQUESTS = [
+    ("3 x ; 1", ([[3, "x"]], [[1]])),
+    ("+3 ; 1", ([["+3"]], [[1]])),
+    ("3 ; 3.0", ([[3]], [["3.0"]])),
+    ("0x3 ; 1", ([["0x3"]], [[1]])),
+    ("1e3 ; 1", ([["1e3"]], [[1]])),
+    ('3 "q\\ ; 1', ([[3, '"q\\']], [[1]])),
+    ("3 9223372036854775808 ; 1", ([[3, 2**63]], [[1]])),
+    ("3 ; 1 -9223372036854775809", ([[3]], [[1, -(2**63) - 1]])),
+    ("3 ; 00000000000000000000123456789012345678901", ([[3]], [[123456789012345678901]])),
+    ("3 ; 500", ([[3]], [[500]])),
+    ("3 120 ; 1", ([[3, 120]], [[1]])),
+    (" ; 1", ([[]], [[1]])),
+    ("3 ; ", ([[3]], [[]])),
+    ("0 1 2 3 4 5 6 7 8 ; 1", ([list(range(9))], [[1]])),
+]
+
+
 @needs_example
-def test_example_program_reports_bad_requests_and_reads_stdin(export_dir):
-    stdin = "3 17 ; 1 2\n3 x ; 1\n3 ; 500\n1 2 3\n4 ; 5\n"
+def test_example_program_refuses_what_is_not_a_plain_int64_with_the_contracts_message(export_dir, python_rec):
+    stdin = "3 17 ; 1 2\n" + "\n".join(line for line, _ in TEXT_REQUESTS) + "\n1 2 3\n007 -0 ; 5\n"
     run = subprocess.run([SERVE, export_dir], check=False, input=stdin, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1
     out = run.stdout.splitlines()
-    assert LINE.fullmatch(out[0]) and LINE.fullmatch(out[4])
-    assert out[1:4] == ["error=not an item id: 'x'", "error=candidate_ids: item ids must be in 0..119",
-                        "error=expected 'history ids ; candidate ids'"]
+    assert len(out) == len(TEXT_REQUESTS) + 3 and LINE.fullmatch(out[0])
+    for line, (_, request) in zip(out[1:], TEXT_REQUESTS):
+        with pytest.raises(RequestError) as caught:
+            python_rec.recommend(*request)
+        assert line == f"error={caught.value}"
+    assert out[-2] == "error=expected 'history ids ; candidate ids'"
+    assert LINE.fullmatch(out[-1])  # leading zeros and -0 are decimal integers; -0 is item 0
     missing = subprocess.run([SERVE, export_dir.parent / "missing"], check=False, capture_output=True, text=True,
                              timeout=60)
     assert missing.returncode == 2 and "not an export directory" in missing.stderr

@@ -235,7 +235,7 @@ def test_recommender_rejects_invalid_requests(onnx_dir, history, candidates, mes
 
 def test_recommender_topk_k_and_load_errors(onnx_dir, tmp_path):
     rec = Recommender.load(onnx_dir)
-    with pytest.raises(ValueError, match=r"k=6: this export answers 1 <= k <= 5"):
+    with pytest.raises(ValueError, match=r"^k: 6 is outside 1..max_topk=5$"):
         rec.topk([[1]], k=6)
     with pytest.raises(ValueError, match="neither an export directory .* nor a model directory"):
         Recommender.load(tmp_path)

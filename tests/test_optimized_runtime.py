@@ -8,6 +8,7 @@ import torch
 from speeder_rt.data import SyntheticConfig, generate_synthetic
 from speeder_rt.model import BackboneConfig, SpeederConfig, SpeederModel
 from speeder_rt.runtime.optimized import OptimizedSpeeder
+from speeder_rt.runtime.validation import RequestError
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +97,40 @@ def test_invalid_requests_are_refused(table):
         fast.scores(history, history_len[:1], candidates)
     with pytest.raises(ValueError, match="buckets"):
         OptimizedSpeeder(make_model(table), buckets=())
+
+
+@pytest.mark.parametrize("name, dtype, message", [
+    ("history", torch.float32, "history: item ids must be integers, got dtype float32"),
+    ("candidates", torch.bool, "candidates: item ids must be integers, got dtype bool"),
+    ("history_len", torch.float64, "history_len: lengths must be integers, got dtype float64"),
+])
+def test_scores_refuses_non_integer_tensors_instead_of_truncating_them(table, name, dtype, message):
+    fast = OptimizedSpeeder(make_model(table), buckets=(4,))
+    inputs = dict(zip(("history", "history_len", "candidates"), requests(2, 10, len(table))))
+    inputs[name] = inputs[name].to(dtype)
+    with pytest.raises(RequestError) as caught:
+        fast.scores(**inputs)
+    assert (str(caught.value), caught.value.field) == (message, name)
+
+
+def test_candidate_count_is_bounded_by_max_candidates(table):
+    fast = OptimizedSpeeder(make_model(table), buckets=(4,), max_candidates=7)
+    history, history_len, candidates = requests(2, 10, len(table), k=8)
+    with pytest.raises(RequestError, match=r"^candidates: 8 candidates per user, outside 1..max_candidates=7$"):
+        fast.scores(history, history_len, candidates)
+    with pytest.raises(RequestError, match=r"^candidate_ids: 8 candidates per user, outside 1..max_candidates=7$"):
+        fast.recommend([[1, 2]] * 2, candidates.tolist())
+
+
+def test_recommend_takes_the_recommenders_requests_with_the_scores_of_scores(table):
+    fast = OptimizedSpeeder(make_model(table), buckets=(1, 2), history_buckets=(10,))
+    history, history_len, candidates = requests(5, 10, len(table), k=6, seed=9)  # 5 users: 3 chunks of <= 2
+    rows = [h[:n].tolist() for h, n in zip(history, history_len)]
+    got = fast.recommend(rows, candidates.numpy().astype(np.uint8))
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, fast.scores(history, history_len, candidates).numpy())
+    with pytest.raises(RequestError, match=r"^history_ids\[1\]: item ids must be in 0..119, got 120$"):
+        fast.recommend([[1], [2, 120]], [[1], [2]])
 
 
 @pytest.mark.gpu

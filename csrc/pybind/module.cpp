@@ -1,6 +1,7 @@
 // speeder_rt._C: the Python module of the extension. Importing it registers the speeder ops (their
 // TORCH_LIBRARY lives in csrc/ops) and binds the C++ runtime's Recommender (speeder_rt.runtime.cpp wraps it).
-// Calls release the GIL; std::invalid_argument arrives in Python as ValueError.
+// Calls release the GIL. speeder_rt::RequestError arrives in Python as speeder_rt.runtime.validation.RequestError
+// (field, reason), the exception of every Python runtime; any other std::invalid_argument as ValueError.
 #include "speeder_rt/runtime.h"
 
 #include <pybind11/pybind11.h>
@@ -13,6 +14,15 @@ using speeder_rt::Recommender;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "speeder_rt C++ extension: the speeder ops and the C++ Recommender";
+
+  py::register_exception_translator([](std::exception_ptr error) {
+    try {
+      if (error) std::rethrow_exception(error);
+    } catch (const speeder_rt::RequestError& e) {
+      const py::object type = py::module_::import("speeder_rt.runtime.validation").attr("RequestError");
+      PyErr_SetObject(type.ptr(), type(e.field(), e.reason()).ptr());
+    }
+  });
 
   py::class_<ExportInfo>(m, "ExportInfo")
       .def_readonly("directory", &ExportInfo::directory)

@@ -1,6 +1,7 @@
 #include "speeder_rt/runtime.h"
 
 #include "json.h"
+#include "validation.h"
 
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
@@ -9,6 +10,7 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <algorithm>
+#include <charconv>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -30,38 +32,6 @@ std::string read_text(const fs::path& path) {
   std::ostringstream text;
   text << file.rdbuf();
   return text.str();
-}
-
-// The checks and messages of speeder_rt.runtime.Recommender (Python).
-void check_ids(const std::vector<int64_t>& ids, int64_t num_items, const std::string& what) {
-  for (const int64_t id : ids) {
-    if (id < 0 || id >= num_items) {
-      throw std::invalid_argument(what + ": item ids must be in 0.." + std::to_string(num_items - 1));
-    }
-  }
-}
-
-void check_history(const std::vector<int64_t>& row, const std::string& what, const ExportInfo& info) {
-  if (row.empty()) throw std::invalid_argument(what + ": empty history (at least one item is needed)");
-  if (static_cast<int64_t>(row.size()) > info.max_history) {
-    throw std::invalid_argument(what + ": " + std::to_string(row.size()) + " items; this export takes at most " +
-                                std::to_string(info.max_history));
-  }
-  check_ids(row, info.num_items, what);
-}
-
-void check_histories(const IdRows& histories, const ExportInfo& info) {
-  if (histories.empty()) throw std::invalid_argument("history_ids: empty batch");
-  for (size_t i = 0; i < histories.size(); ++i) {
-    check_history(histories[i], "history_ids[" + std::to_string(i) + "]", info);
-  }
-}
-
-void check_candidate_count(size_t count, const std::string& prefix, const ExportInfo& info) {
-  if (count < 1 || static_cast<int64_t>(count) > info.max_candidates) {
-    throw std::invalid_argument(prefix + std::to_string(count) + " candidates per user; this export takes 1.." +
-                                std::to_string(info.max_candidates));
-  }
 }
 
 // (history_ids padded with -1 to the longest row, history_mask): the graphs' first two inputs.
@@ -169,7 +139,11 @@ Recommender::Recommender(const std::string& export_dir, const Options& options) 
     return std::make_unique<Loader>(file.string(), "model", false, options.num_runners, index);
   };
   impl_->scores = load("scores");
-  if (meta.at("graphs").contains("topk")) impl_->topk = load("topk");
+  if (meta.at("graphs").contains("topk")) {
+    impl_->topk = load("topk");
+  } else {
+    info.topk = 0;
+  }
 }
 
 Recommender::~Recommender() = default;
@@ -181,19 +155,8 @@ const ExportInfo& Recommender::info() const {
 }
 
 ScoreRows Recommender::recommend(const IdRows& histories, const IdRows& candidates) const {
-  const ExportInfo& info = impl_->info;
-  check_histories(histories, info);
-  for (const auto& row : candidates) {
-    if (row.size() != candidates.front().size()) {
-      throw std::invalid_argument("candidate_ids: expected a 2-D batch [B, K] (rows of equal length)");
-    }
-  }
-  if (candidates.size() != histories.size()) {
-    throw std::invalid_argument("candidate_ids has " + std::to_string(candidates.size()) + " rows for " +
-                                std::to_string(histories.size()) + " histories");
-  }
-  check_candidate_count(candidates.front().size(), "", info);
-  for (const auto& row : candidates) check_ids(row, info.num_items, "candidate_ids");
+  validation::check_histories(histories, impl_->info);
+  validation::check_candidates(candidates, histories.size(), impl_->info);
 
   ScoreRows out(histories.size());
   Rows hist, cands;
@@ -208,16 +171,9 @@ ScoreRows Recommender::recommend(const IdRows& histories, const IdRows& candidat
 }
 
 ScoreRows Recommender::recommend_batch(const std::vector<Request>& requests) const {
-  const ExportInfo& info = impl_->info;
-  if (requests.empty()) throw std::invalid_argument("requests: empty batch");
+  validation::check_requests(requests, impl_->info);
   std::map<size_t, std::vector<size_t>> by_count;  // candidate count -> request indices, in order
-  for (size_t i = 0; i < requests.size(); ++i) {
-    const std::string name = "requests[" + std::to_string(i) + "]";
-    check_history(requests[i].history, name + ".history", info);
-    check_candidate_count(requests[i].candidates.size(), name + ".candidates: ", info);
-    check_ids(requests[i].candidates, info.num_items, name + ".candidates");
-    by_count[requests[i].candidates.size()].push_back(i);
-  }
+  for (size_t i = 0; i < requests.size(); ++i) by_count[requests[i].candidates.size()].push_back(i);
   ScoreRows out(requests.size());
   for (const auto& [count, members] : by_count) {
     Rows hist, cands;
@@ -234,12 +190,8 @@ ScoreRows Recommender::recommend_batch(const std::vector<Request>& requests) con
 
 TopK Recommender::topk(const IdRows& histories, int64_t k) const {
   const ExportInfo& info = impl_->info;
-  if (!impl_->topk) throw std::invalid_argument("this export has no top-k graph (exported with --topk 0)");
-  if (k < 1 || k > info.topk) {
-    throw std::invalid_argument("k=" + std::to_string(k) + ": this export answers 1 <= k <= " +
-                                std::to_string(info.topk) + " (its --topk)");
-  }
-  check_histories(histories, info);
+  validation::check_k(k, info);
+  validation::check_histories(histories, info);
   TopK out;
   for (size_t start = 0; start < histories.size(); start += info.max_batch) {
     const size_t stop = std::min(histories.size(), start + static_cast<size_t>(info.max_batch));
@@ -252,6 +204,33 @@ TopK Recommender::topk(const IdRows& histories, int64_t k) const {
     }
   }
   return out;
+}
+
+std::vector<int64_t> parse_item_ids(std::string_view text, const std::string& field, int64_t num_items) {
+  std::vector<int64_t> ids;
+  const auto is_space = [](char c) { return c == ' ' || (c >= '\t' && c <= '\r'); };  // std::isspace, "C" locale
+  size_t pos = 0;
+  while (true) {
+    while (pos < text.size() && is_space(text[pos])) ++pos;
+    if (pos == text.size()) return ids;
+    size_t stop = pos;
+    while (stop < text.size() && !is_space(text[stop])) ++stop;
+    const std::string_view token = text.substr(pos, stop - pos);
+    pos = stop;
+    int64_t id = 0;
+    const auto [end, error] = std::from_chars(token.data(), token.data() + token.size(), id);  // [-]digits only
+    const bool whole = end == token.data() + token.size();
+    if (error == std::errc() && whole) {
+      ids.push_back(id);
+    } else if (error == std::errc::result_out_of_range && whole) {  // shown as Python shows int(token)
+      const bool negative = token.front() == '-';
+      const std::string_view digits = token.substr(negative);
+      const std::string_view significant = digits.substr(std::min(digits.find_first_not_of('0'), digits.size()));
+      throw RequestError(field, validation::out_of_range((negative ? "-" : "") + std::string(significant), num_items));
+    } else {
+      throw RequestError(field, "item ids must be integers, got " + validation::quoted(token));
+    }
+  }
 }
 
 }  // namespace speeder_rt

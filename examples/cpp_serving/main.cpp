@@ -3,7 +3,8 @@
 //   speeder_serve EXPORT_DIR [REQUESTS]      REQUESTS: a file; stdin when omitted or "-"
 //
 // A request is one line "history ids ; candidate ids" (space-separated item ids, history oldest first); empty
-// lines and lines starting with '#' are skipped. Each request prints one line,
+// lines and lines starting with '#' are skipped. Item ids are plain decimal integers ("+3", "3.0", "0x3" and
+// numbers beyond int64 are refused). Each request prints one line,
 //   top=<best candidate id> score=<its score> latency_us=<microseconds spent in Recommender::recommend>
 // or "error=<message>" for a bad request. Exit status: 0, 1 if a request failed, 2 if the export did not load.
 #include <speeder_rt/runtime.h>
@@ -14,37 +15,24 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
-#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace {
 
-std::vector<int64_t> parse_ids(const std::string& text) {
-  std::istringstream in(text);
-  std::vector<int64_t> ids;
-  std::string token;
-  while (in >> token) {
-    size_t used = 0;
-    int64_t id = 0;
-    try {
-      id = std::stoll(token, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used != token.size()) throw std::invalid_argument("not an item id: '" + token + "'");
-    ids.push_back(id);
-  }
-  return ids;
-}
-
-speeder_rt::Request parse_request(const std::string& line) {
+// One request per line. Item ids are plain decimal integers that fit int64 (speeder_rt::parse_item_ids); the fields
+// named in errors are those of the one-user batch the line is served as, so a line gets the message that the same
+// request gets from every runtime (e.g. "history_ids[0]: item ids must be integers, got "+3"").
+speeder_rt::Request parse_request(const std::string& line, int64_t num_items) {
   const size_t split = line.find(';');
   if (split == std::string::npos || line.find(';', split + 1) != std::string::npos) {
     throw std::invalid_argument("expected 'history ids ; candidate ids'");
   }
-  return {parse_ids(line.substr(0, split)), parse_ids(line.substr(split + 1))};
+  const std::string_view text(line);
+  return {speeder_rt::parse_item_ids(text.substr(0, split), "history_ids[0]", num_items),
+          speeder_rt::parse_item_ids(text.substr(split + 1), "candidate_ids[0]", num_items)};
 }
 
 }  // namespace
@@ -78,7 +66,7 @@ int main(int argc, char** argv) {
   while (std::getline(input, line)) {
     if (line.find_first_not_of(" \t\r") == std::string::npos || line[line.find_first_not_of(" \t")] == '#') continue;
     try {
-      const speeder_rt::Request request = parse_request(line);
+      const speeder_rt::Request request = parse_request(line, rec->info().num_items);
       const auto start = std::chrono::steady_clock::now();
       const std::vector<float> scores = rec->recommend({request.history}, {request.candidates}).at(0);
       const auto micros =

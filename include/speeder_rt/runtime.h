@@ -7,9 +7,10 @@
 //   auto scores = rec.recommend({{3, 17, 5}, {8}}, {{1, 2, 3}, {4, 5, 6}});   // [B][K] float
 //   auto top = rec.topk({{3, 17, 5}}, 5);                                      // ids / scores [B][k]
 //
-// Histories are item ids, oldest first; every id must be in 0..num_items-1. Bad requests throw
-// std::invalid_argument (nothing is run), as does a directory that is not an AOTInductor export;
-// an unreadable export.json or package throws std::runtime_error / c10::Error.
+// Histories are item ids, oldest first; every id must be in 0..num_items-1. Bad requests throw RequestError
+// (nothing is run): the request contract of speeder_rt/runtime/validation.py, the same checks in the same order
+// with the same messages as every Python runtime. A directory that is not an AOTInductor export throws
+// std::invalid_argument; an unreadable export.json or package std::runtime_error / c10::Error.
 //
 // Thread safety: all methods are const and may be called concurrently; there is no lock of ours. Each
 // call runs on one of Options::num_runners model instances that AOTInductor's container keeps (weights
@@ -21,7 +22,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -57,6 +60,27 @@ struct TopK {
   IdRows ids;        // [B][k], best first
   ScoreRows scores;  // [B][k]
 };
+
+// A request the contract refuses. what() is "field: reason"; field() names the part of the request
+// ("history_ids[2]", "candidate_ids", "k", "requests[1].candidates"). The Python binding raises it as
+// speeder_rt.runtime.validation.RequestError (a ValueError) with the same field and reason.
+class RequestError : public std::invalid_argument {
+ public:
+  RequestError(const std::string& field, const std::string& reason)
+      : std::invalid_argument(field + ": " + reason), field_(field), reason_(reason) {}
+  const std::string& field() const noexcept { return field_; }
+  const std::string& reason() const noexcept { return reason_; }
+
+ private:
+  std::string field_;
+  std::string reason_;
+};
+
+// Item ids from text, separated by whitespace: each a plain decimal integer that fits int64 ("17", "-1"; not "+3",
+// "3.0", "0x3", "1e3"). A token that is not one throws RequestError(field, 'item ids must be integers, got "+3"'),
+// a decimal integer beyond int64 the contract's out-of-range message (its ids are 0..num_items-1). Ranges of ids
+// that fit int64 are left to the calls above.
+std::vector<int64_t> parse_item_ids(std::string_view text, const std::string& field, int64_t num_items);
 
 class Recommender {
  public:

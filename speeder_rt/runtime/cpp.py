@@ -9,7 +9,9 @@
 Inputs are the ``Recommender``'s: lists of item ids (ragged histories), or 2-D arrays / tensors with histories
 padded by negative ids after the real items. Calls release the GIL and may come from many threads at once: up to
 ``num_runners`` of them run concurrently (AOTInductor model instances sharing the weights), the rest wait.
-Bad requests raise ValueError with the Python runtime's messages (the checks are the C++ library's).
+Bad requests raise ``speeder_rt.runtime.validation.RequestError`` with the Python runtimes' messages: types and
+shapes are checked here (the contract's parse stage), counts and ranges by the C++ library (its check stage,
+translated by the binding).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 from speeder_rt.export.graph import Ranges
-from speeder_rt.runtime.recommender import Ids, as_ids, parse_histories
+from speeder_rt.runtime.validation import Ids, RequestContract
 
 try:
     from speeder_rt import _C
@@ -48,6 +50,7 @@ class CppRecommender:
         self.ranges = Ranges(info.max_batch, info.max_history, info.max_candidates)
         self.max_topk: int = info.topk
         self.device: str = info.device
+        self.contract = RequestContract(self.num_items, info.max_history, info.max_candidates, self.max_topk)
 
     @classmethod
     def load(cls, path: str | Path, num_runners: int = 1) -> CppRecommender:
@@ -58,21 +61,20 @@ class CppRecommender:
 
     def recommend(self, history_ids: Ids, candidate_ids: Ids) -> np.ndarray:
         """Scores float32 [B, K] of each user's K candidates (higher = more likely next)."""
-        scores = self._native.recommend(_lists(parse_histories(history_ids)),
-                                        as_ids(candidate_ids, "candidate_ids", ndim=2).tolist())
-        return np.asarray(scores, dtype=np.float32)
+        histories, candidates = self.contract.parse_recommend(history_ids, candidate_ids)
+        return np.asarray(self._native.recommend(_lists(histories), _lists(candidates)), dtype=np.float32)
 
     def recommend_batch(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[np.ndarray]:
         """Scores float32 [K_i] per (history, candidates) request; requests with the same K run batched together."""
-        pairs = [(as_ids(h, f"requests[{i}].history", ndim=1).tolist(),
-                  as_ids(c, f"requests[{i}].candidates", ndim=1).tolist()) for i, (h, c) in enumerate(requests)]
+        pairs = [(h.tolist(), c.tolist()) for h, c in self.contract.parse_requests(requests)]
         return [np.asarray(s, dtype=np.float32) for s in self._native.recommend_batch(pairs)]
 
     def topk(self, history_ids: Ids, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(item ids int64 [B, k], scores float32 [B, k]) over the whole catalog, history items excluded."""
-        ids, scores = self._native.topk(_lists(parse_histories(history_ids)), int(k))
+        histories, k = self.contract.parse_topk(history_ids, k)
+        ids, scores = self._native.topk(_lists(histories), k)
         return np.asarray(ids, dtype=np.int64).reshape(-1, k), np.asarray(scores, dtype=np.float32).reshape(-1, k)
 
 
-def _lists(rows: list[np.ndarray]) -> list[list[int]]:
+def _lists(rows: Sequence[np.ndarray]) -> list[list[int]]:
     return [row.tolist() for row in rows]

@@ -2,6 +2,12 @@
 
     fast = OptimizedSpeeder(model)                      # takes the model over: eval mode, fast backend
     scores = fast.scores(history, history_len, candidates)   # float32 [B, K] == model(...) up to rounding
+    scores = fast.recommend([[3, 17, 5], [8]], [[1, 2, 3], [4, 5, 6]])   # numpy, the Recommender's requests
+
+``recommend`` takes the requests of ``Recommender.recommend`` (lists, or arrays padded with negative ids) and
+checks them by the request contract (``speeder_rt.runtime.validation``: ``RequestError`` with every runtime's
+messages; max_history is the model's, max_candidates the constructor's). ``scores`` is the model's tensor form:
+its shapes and ranges are ``SpeederModel.check_inputs``', integer dtypes and the candidate count the contract's.
 
 What it does differently from calling the model:
 
@@ -23,10 +29,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from speeder_rt.data.sequences import PAD
+from speeder_rt.export.graph import Ranges
 from speeder_rt.model.speeder import SpeederModel
+from speeder_rt.runtime.recommender import pad_histories
+from speeder_rt.runtime.validation import Ids, RequestContract, check_integer_dtype
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_HISTORY_BUCKETS = (10, 20, 50)
@@ -50,7 +60,7 @@ class OptimizedSpeeder:
 
     def __init__(self, model: SpeederModel, buckets: Sequence[int] = DEFAULT_BUCKETS,
                  history_buckets: Sequence[int] = DEFAULT_HISTORY_BUCKETS, use_cuda_graphs: bool = True,
-                 compile: bool = False) -> None:
+                 compile: bool = False, max_candidates: int = Ranges.max_candidates) -> None:
         if not buckets or min(buckets) < 1 or not history_buckets or min(history_buckets) < 1:
             raise ValueError(f"buckets and history_buckets must be non-empty and >= 1, got {list(buckets)}, "
                              f"{list(history_buckets)}")
@@ -62,6 +72,8 @@ class OptimizedSpeeder:
         self.buckets = sorted(set(buckets))
         max_history = model.cfg.max_history
         self.history_buckets = sorted({min(w, max_history) for w in history_buckets} | {max_history})
+        # K is part of every shape (and CUDA graph) key: the bound keeps their number bounded
+        self.contract = RequestContract(model.num_items, max_history, max_candidates, max_topk=0)
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self._fn: Callable[..., torch.Tensor] = self._score
         if compile:  # one compilation per static shape: allow every bucket pair with a few values of K
@@ -76,11 +88,21 @@ class OptimizedSpeeder:
         query = self.model.pred_state(embeds, lay)
         return torch.einsum("bd,bkd->bk", query.float(), cand_tok.float())
 
-    @torch.no_grad()
+    def recommend(self, history_ids: Ids, candidate_ids: Ids) -> np.ndarray:
+        """Scores float32 [B, K] (numpy) of ``Recommender.recommend``'s requests, checked by the contract."""
+        histories, candidates = self.contract.recommend(history_ids, candidate_ids)
+        history, mask = pad_histories(histories)
+        inputs = (torch.from_numpy(history), torch.from_numpy(mask.sum(1)), torch.from_numpy(candidates))
+        return self._serve(*inputs).cpu().numpy()
+
     def scores(self, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """float32 [B, K] on the model's device: history [B, W] (PAD after the ``history_len`` [B] real items),
         candidates [B, K] item ids."""
         self._check(history, history_len, candidates)
+        return self._serve(history, history_len, candidates)
+
+    @torch.no_grad()
+    def _serve(self, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         history, history_len, candidates = (t.to(self.device, torch.int64) for t in (history, history_len, candidates))
         step = self.buckets[-1]
         parts = [self._run(history[a:a + step], history_len[a:a + step], candidates[a:a + step])
@@ -88,12 +110,15 @@ class OptimizedSpeeder:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _check(self, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor) -> None:
+        for name, tensor in (("history", history), ("candidates", candidates), ("history_len", history_len)):
+            check_integer_dtype(tensor.dtype, name, "item ids" if name != "history_len" else "lengths")
         batch, width = history.shape if history.ndim == 2 else (-1, -1)
         if batch < 1 or history_len.shape != (batch,) or candidates.ndim != 2 or candidates.shape[0] != batch:
             raise ValueError(f"history [B, W], history_len [B], candidates [B, K] with B >= 1 expected; got "
                              f"{list(history.shape)}, {list(history_len.shape)}, {list(candidates.shape)}")
         if width > self.history_buckets[-1]:
             raise ValueError(f"history width {width} exceeds max_history={self.history_buckets[-1]}")
+        self.contract.check_count(candidates.shape[1], "candidates")
         self.model.check_inputs(history, history_len, candidates)
 
     def _pad(self, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor,

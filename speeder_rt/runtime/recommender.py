@@ -3,16 +3,19 @@
     rec = Recommender.load("exports/onnx")             # a directory written by python -m speeder_rt.export
     scores = rec.recommend([[3, 17, 5], [8]], [[1, 2, 3], [4, 5, 6]])   # float32 [B, K]
     item_ids, scores = rec.topk([[3, 17, 5], [8]], k=5)                  # int64 / float32 [B, k]
+    per_request = rec.recommend_batch([([3, 17], [1, 2, 3]), ([8], [4, 5])])  # candidate counts may differ
 
 Histories are lists of item ids, oldest first (ragged lists are padded internally), or 2-D arrays /
-tensors padded with negative ids after the real items. Requests larger than the exported max batch are
-split into chunks. Results are numpy arrays and match the PyTorch model (within the export's parity).
+tensors padded with negative ids after the real items. Requests are checked by the request contract
+(``speeder_rt.runtime.validation``: bad ones raise its ``RequestError``, with the C++ runtime's messages);
+batches larger than the exported max batch are split into chunks. Results are numpy arrays and match the
+PyTorch model (within the export's parity).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,8 +23,7 @@ import torch
 from speeder_rt.export import load_runner, load_speeder
 from speeder_rt.export.graph import Ranges, Runner, ScoringGraph, TopKGraph
 from speeder_rt.model.speeder import SpeederModel
-
-Ids = Union[Sequence[Sequence[int]], np.ndarray, torch.Tensor]
+from speeder_rt.runtime.validation import Ids, RequestContract
 
 
 class TorchRunner:
@@ -47,7 +49,8 @@ class TorchRunner:
 
 
 class Recommender:
-    """Answers ``recommend`` (candidate scores) and ``topk`` (full catalog) through one ``Runner``."""
+    """Answers ``recommend`` / ``recommend_batch`` (candidate scores) and ``topk`` (full catalog) through one
+    ``Runner``; ``contract`` holds what it accepts."""
 
     def __init__(self, runner: Runner, num_items: int, ranges: Ranges, engine: str, meta: dict[str, Any] | None = None) -> None:
         self.runner = runner
@@ -55,6 +58,7 @@ class Recommender:
         self.ranges = ranges
         self.engine = engine
         self.meta = meta or {}
+        self.contract = RequestContract(num_items, ranges.max_history, ranges.max_candidates, runner.topk_k)
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, max_topk: int = 100) -> Recommender:
@@ -81,81 +85,40 @@ class Recommender:
 
     def recommend(self, history_ids: Ids, candidate_ids: Ids) -> np.ndarray:
         """Scores float32 [B, K] of each user's K candidates (higher = more likely next)."""
-        history = self._histories(history_ids)
-        cands = as_ids(candidate_ids, "candidate_ids", ndim=2)
-        if cands.shape[0] != len(history):
-            raise ValueError(f"candidate_ids has {cands.shape[0]} rows for {len(history)} histories")
-        if not 1 <= cands.shape[1] <= self.ranges.max_candidates:
-            raise ValueError(f"{cands.shape[1]} candidates per user; this export takes 1..{self.ranges.max_candidates}")
-        self._check_range(cands, "candidate_ids")
-        out = [self.runner.scores(*_pad(history[a:b]), cands[a:b]) for a, b in self._chunks(len(history))]
-        return np.concatenate(out).astype(np.float32, copy=False)
+        return self._scores(*self.contract.recommend(history_ids, candidate_ids))
+
+    def recommend_batch(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[np.ndarray]:
+        """Scores float32 [K_i] per (history, candidates) request; requests with the same K run batched together."""
+        pairs = self.contract.requests(requests)
+        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(pairs)
+        by_count: dict[int, list[int]] = {}
+        for i, (_, candidates) in enumerate(pairs):
+            by_count.setdefault(len(candidates), []).append(i)
+        for members in by_count.values():
+            scores = self._scores([pairs[i][0] for i in members], np.stack([pairs[i][1] for i in members]))
+            for i, row in zip(members, scores):
+                out[i] = row
+        return out
 
     def topk(self, history_ids: Ids, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(item ids int64 [B, k], scores float32 [B, k]) over the whole catalog, history items excluded."""
-        if not self.max_topk:
-            raise ValueError("this export has no top-k graph (exported with --topk 0)")
-        if not 1 <= k <= self.max_topk:
-            raise ValueError(f"k={k}: this export answers 1 <= k <= {self.max_topk} (its --topk)")
-        history = self._histories(history_ids)
-        parts = [self.runner.topk(*_pad(history[a:b])) for a, b in self._chunks(len(history))]
+        histories, k = self.contract.topk(history_ids, k)
+        parts = [self.runner.topk(*pad_histories(histories[a:b])) for a, b in self._chunks(len(histories))]
         ids = np.concatenate([p[0] for p in parts])[:, :k]
         scores = np.concatenate([p[1] for p in parts])[:, :k]
         return ids.astype(np.int64, copy=False), scores.astype(np.float32, copy=False)
 
-    # -- validation ----------------------------------------------------------------------------
+    def _scores(self, histories: list[np.ndarray], candidates: np.ndarray) -> np.ndarray:
+        out = [self.runner.scores(*pad_histories(histories[a:b]), candidates[a:b]) for a, b in self._chunks(len(histories))]
+        return np.concatenate(out).astype(np.float32, copy=False)
+
     def _chunks(self, n: int) -> list[tuple[int, int]]:
         step = self.ranges.max_batch
         return [(a, min(a + step, n)) for a in range(0, n, step)]
 
-    def _check_range(self, ids: np.ndarray, what: str) -> None:
-        if ids.size and (ids.min() < 0 or ids.max() >= self.num_items):
-            raise ValueError(f"{what}: item ids must be in 0..{self.num_items - 1}")
 
-    def _histories(self, history_ids: Ids) -> list[np.ndarray]:
-        """One int64 array of real items per user, validated against this export."""
-        rows = parse_histories(history_ids)
-        for i, row in enumerate(rows):
-            if len(row) == 0:
-                raise ValueError(f"history_ids[{i}]: empty history (at least one item is needed)")
-            if len(row) > self.ranges.max_history:
-                raise ValueError(f"history_ids[{i}]: {len(row)} items; this export takes at most {self.ranges.max_history}")
-            self._check_range(row, f"history_ids[{i}]")
-        return rows
-
-
-def parse_histories(history_ids: Ids) -> list[np.ndarray]:
-    """One int64 array of real items per user, from ragged lists or a 2-D batch padded with negative ids after
-    each row's real items; shapes and dtypes are checked here, lengths and id ranges by the runtime."""
-    if isinstance(history_ids, (np.ndarray, torch.Tensor)):
-        arr = as_ids(history_ids, "history_ids", ndim=2)
-        real = arr >= 0
-        if (real[:, 1:] & ~real[:, :-1]).any():
-            raise ValueError("history_ids: padding (negative ids) must come after a row's real items")
-        rows = [row[mask] for row, mask in zip(arr, real)]
-    else:
-        rows = [as_ids(r, f"history_ids[{i}]", ndim=1) for i, r in enumerate(history_ids)]
-    if not rows:
-        raise ValueError("history_ids: empty batch")
-    return rows
-
-
-def as_ids(ids: Any, what: str, ndim: int) -> np.ndarray:
-    """int64 array of ``ndim`` dimensions, or a ValueError naming ``what``."""
-    try:
-        arr = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
-    except ValueError:  # numpy refuses ragged nesting
-        arr = np.asarray(ids, dtype=object)
-    shape = "a list of item ids" if ndim == 1 else "a 2-D batch [B, K] (rows of equal length)"
-    if arr.ndim != ndim or arr.dtype == object:
-        raise ValueError(f"{what}: expected {shape}, got {type(ids).__name__} of shape {list(arr.shape)}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{what}: item ids must be integers, got dtype {arr.dtype}")
-    return arr.astype(np.int64, copy=False)
-
-
-def _pad(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(history_ids padded with -1, history_mask) of width = the longest row."""
+def pad_histories(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(history_ids padded with -1, history_mask) of width = the longest row: the exported graphs' inputs."""
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), -1, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=bool)

@@ -185,9 +185,9 @@ def _build(model: SpeederModel, engine: str, graph_name: str, tmp: Path, rel: st
     is_topk = graph_name == "topk"
     graph_dtype = torch.float32 if engine == "trt" else DTYPES[dtype]  # TensorRT lowers precision by builder flags
     if is_topk:
-        graph = TopKGraph(model, topk, graph_dtype, attn_backend)
+        graph = TopKGraph(model, topk, graph_dtype, attn_backend, ranges)
     else:
-        graph = ScoringGraph(model, graph_dtype, attn_backend)
+        graph = ScoringGraph(model, graph_dtype, attn_backend, ranges)
     graph_device = device if engine == "aoti" else "cpu"
     graph.to(graph_device)
     args = example_inputs(model.num_items, is_topk, graph_device)

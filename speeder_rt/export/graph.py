@@ -15,6 +15,7 @@ hole or no True entry, an id under its mask is outside ``0..N-1``, or the histor
 any candidate beyond ``max_candidates`` per row, scores NaN. Invalid ids are replaced by safe ones
 before any gather, so no engine reads out of bounds or wraps -1 around to the last item; on valid input
 the graphs compute exactly what they did without these checks.
+
 The item-token table, recency and candidate embeddings, template token embeddings, SPAE slopes, head and
 the decoder (LoRA merged into its weights) are module state, so an exporter bakes them in. The graphs run
 the model's own ``prompt`` / ``pred_state`` on a slim module holding only what inference reads (no MoME,

@@ -135,9 +135,13 @@ def run(repository: Path, endpoints: Endpoints, stop: threading.Event, log: Call
                           allow_gpu_metrics=False, exit_timeout_secs=3, strict_readiness=True)
     triton = Triton(config=config)
     try:
-        triton.run()  # starts tritonserver, waits until the server and every model are ready
+        try:
+            triton.run()  # starts tritonserver, waits until the server and every model are ready
+        except Exception as e:  # noqa: BLE001 -- PyTriton's errors for a server that died or never got ready
+            log(f"speeder_rt.serve: tritonserver did not start ({type(e).__name__}: {e}); its log is above")
+            return 1
         if not triton.is_alive():
-            log("speeder_rt.serve: tritonserver exited while loading (its log is above)")
+            log("speeder_rt.serve: tritonserver exited while loading the models (its log is above)")
             return 1
         models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
         log("speeder_rt.serve: ready; models " + ", ".join(models) + "; "

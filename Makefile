@@ -1,4 +1,5 @@
 # Two commands: `make demo` and `make test`. Each creates .venv when missing and installs what it needs.
+# `make serve EXPORT=DIR` serves an export on Triton Inference Server from its own venv (.venv-serve).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -14,8 +15,13 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 TORCH_CPU := torch==2.13.0
 CPP_BUILD := build/cpp
 CPP_SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu include/speeder_rt/*.h)
+# Serving: nvidia-pytriton pins numpy<2 (its Python backend stub returns empty responses with numpy 2), so it gets
+# its own venv: the CPU torch file first (nothing may pull a CUDA build), then the package with serve + export.
+SERVE_VENV := .venv-serve
+SERVE_PY := $(SERVE_VENV)/bin/python
+SERVE_PIP := $(SERVE_PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test venv cpp clean
+.PHONY: demo test venv cpp serve serve-venv clean
 
 $(VENV)/.base: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +42,20 @@ $(VENV)/.ext: $(VENV)/.test $(CPP_SOURCES)
 
 venv: $(VENV)/.base
 
+$(SERVE_VENV)/.ready: setup.py
+	test -x $(SERVE_PY) || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_PIP) install --upgrade pip setuptools wheel
+	$(SERVE_PIP) install $(TORCH_CPU)
+	$(SERVE_PIP) install -e ".[serve,export]" "pytest>=8" "pytest-benchmark>=4"
+	touch $@
+
+serve-venv: $(SERVE_VENV)/.ready
+
+# make serve EXPORT=exports/onnx [SERVE_ARGS="--http-port 8000 --grpc-port 8001 --metrics-port 8002 --instances 1"]
+serve: $(SERVE_VENV)/.ready
+	@test -n "$(EXPORT)" || { echo 'usage: make serve EXPORT=DIR [SERVE_ARGS="..."] (DIR written by python -m speeder_rt.export)' >&2; exit 2; }
+	$(SERVE_PY) -m speeder_rt.serve --export "$(EXPORT)" $(SERVE_ARGS)
+
 # The C++ runtime library and examples/cpp_serving (CMake, into build/cpp), and a compile-only check of the CUDA
 # sources with nvcc (skipped with a message where there is none).
 cpp: $(VENV)/.ext
@@ -47,8 +67,10 @@ cpp: $(VENV)/.ext
 demo: $(VENV)/.base
 	$(PY) -m speeder_rt.demo
 
-test: cpp
+# The serving tests skip in .venv (no PyTriton there) and run in .venv-serve against the real tritonserver.
+test: cpp $(SERVE_VENV)/.ready
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	$(SERVE_PY) -m pytest -q tests/test_serve.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache $(CPP_BUILD) speeder_rt/_C.*.so
+	rm -rf $(VENV) $(SERVE_VENV) runs .pytest_cache $(CPP_BUILD) speeder_rt/_C.*.so

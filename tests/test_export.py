@@ -156,7 +156,8 @@ def test_triton_config_parses_and_matches_the_onnx_graphs(onnx_dir):
         text = (onnx_dir / "model_repository" / triton_name / "config.pbtxt").read_text()
         cfg = parse_pbtxt(text)
         assert cfg["name"] == [triton_name] and cfg["platform"] == ["onnxruntime_onnx"]
-        assert cfg["max_batch_size"] == [4] and cfg["dynamic_batching"] == [{}]
+        assert cfg["max_batch_size"] == [4] and cfg["dynamic_batching"] == [{"max_queue_delay_microseconds": [2000]}]
+        assert cfg["instance_group"] == [{"count": [1], "kind": ["KIND_CPU"]}]
         assert meta["graphs"][graph]["file"] == f"model_repository/{triton_name}/1/model.onnx"
         proto = onnx.load(str(onnx_dir / meta["graphs"][graph]["file"]), load_external_data=False)
         types = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.BOOL: "TYPE_BOOL", onnx.TensorProto.FLOAT: "TYPE_FP32"}
@@ -190,7 +191,8 @@ def test_aoti_export_reloads_and_passes_parity(aoti_dir):
     assert parity["passed"] and parity["scores"]["max_abs_error"] < 1e-4 and parity["topk"]["passed"]
     meta = read_json(aoti_dir / "export.json")
     assert meta["engine"] == "aoti" and meta["triton_repository"] is None
-    assert sorted(p.name for p in aoti_dir.iterdir()) == ["export.json", "parity.json", "scores.pt2", "topk.pt2"]
+    assert sorted(p.name for p in aoti_dir.iterdir()) == ["export.json", "model_repository_python", "parity.json",
+                                                          "scores.pt2", "topk.pt2"]
     package = torch._inductor.aoti_load_package(str(aoti_dir / "scores.pt2"))  # plain tensors in, flat outputs
     out = package(torch.tensor([[3, 4, -1]]), torch.tensor([[True, True, False]]), torch.tensor([[1, 2]]))
     assert out.shape == (1, 2) and out.dtype == torch.float32

@@ -6,6 +6,8 @@
     parity.json                  engine vs the PyTorch model on random valid inputs (see ``graph.check_parity``)
     model_repository/            onnx, trt: Triton repository, speeder/ (scores) and speeder_topk/ (top-k),
                                  each config.pbtxt + 1/model.onnx (+ model.onnx.data over 2 GB) or 1/model.plan
+    model_repository_python/     every engine: Triton repository for the Python backend (``Recommender`` in
+                                 1/model.py), what ``python -m speeder_rt.serve`` runs; see ``triton_repo``
     onnx/scores.onnx, topk.onnx  trt: the ONNX graphs the plans were built from
     scores.pt2, topk.pt2         aoti: AOTInductor packages (no Triton repository)
 
@@ -160,8 +162,7 @@ def export_model(model: SpeederModel, engine: str, out: str | Path, *, dtype: st
             _build(model, engine, name, tmp, rel, ranges, topk, dtype, attn_backend, device)
             timings[f"build_{name}"] = round(time.perf_counter() - start, 2)
             log(f"{engine}: built {rel} in {timings[f'build_{name}']:.1f}s")
-        if engine != "aoti":
-            _write_triton(tmp, engine, ranges, topk)
+        _write_triton(tmp, engine, ranges, topk, device)
         start = time.perf_counter()
         runner = _runner(engine, tmp, artifacts, topk, device)
         home, training = model.available.device, model.training
@@ -185,9 +186,9 @@ def _build(model: SpeederModel, engine: str, graph_name: str, tmp: Path, rel: st
     is_topk = graph_name == "topk"
     graph_dtype = torch.float32 if engine == "trt" else DTYPES[dtype]  # TensorRT lowers precision by builder flags
     if is_topk:
-        graph = TopKGraph(model, topk, graph_dtype, attn_backend)
+        graph = TopKGraph(model, topk, graph_dtype, attn_backend, ranges)
     else:
-        graph = ScoringGraph(model, graph_dtype, attn_backend)
+        graph = ScoringGraph(model, graph_dtype, attn_backend, ranges)
     graph_device = device if engine == "aoti" else "cpu"
     graph.to(graph_device)
     args = example_inputs(model.num_items, is_topk, graph_device)
@@ -205,14 +206,14 @@ def _build(model: SpeederModel, engine: str, graph_name: str, tmp: Path, rel: st
         trt_engine.build_plan(onnx_path, tmp / rel, ranges, is_topk, dtype)
 
 
-def _write_triton(tmp: Path, engine: str, ranges: Ranges, topk: int) -> None:
-    def tensors(specs: list[dict[str, Any]]) -> list[triton_repo.TensorSpec]:
-        return [triton_repo.TensorSpec(s["name"], s["dtype"], [d if isinstance(d, int) else -1 for d in s["shape"][1:]])
-                for s in specs]
-
-    for name, spec in io_specs(topk).items():
-        triton_repo.write_config(tmp / "model_repository", name, engine, ranges.max_batch, tensors(spec["inputs"]),
-                                 tensors(spec["outputs"]))
+def _write_triton(tmp: Path, engine: str, ranges: Ranges, topk: int, device: str) -> None:
+    """Both Triton repositories (``triton_repo``), batching up to the export's max batch."""
+    if engine != "aoti":
+        on_gpu = engine == "trt" or device.startswith("cuda")
+        serving = triton_repo.Serving(ranges.max_batch, kind="KIND_GPU" if on_gpu else "KIND_CPU")
+        triton_repo.write_engine_repository(tmp / triton_repo.ENGINE_REPOSITORY, engine, topk, serving)
+    triton_repo.write_python_repository(tmp / triton_repo.PYTHON_REPOSITORY, "../..", topk,
+                                        triton_repo.Serving(ranges.max_batch))
 
 
 def _runner(engine: str, root: Path, artifacts: dict[str, str], topk: int, device: str) -> Runner:
@@ -263,7 +264,8 @@ def _meta(model: SpeederModel, engine: str, dtype: str, ranges: Ranges, topk: in
         "ranges": asdict(ranges),
         "topk": topk,
         "graphs": {name: {"file": artifacts[name], **specs[name]} for name in artifacts},
-        "triton_repository": "model_repository" if engine != "aoti" else None,
+        "triton_repository": triton_repo.ENGINE_REPOSITORY if engine != "aoti" else None,
+        "triton_python_repository": triton_repo.PYTHON_REPOSITORY,
         "num_items": model.num_items,
         "hidden_size": model.hidden_size,
         "model_kind": "speeder",

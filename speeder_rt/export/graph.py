@@ -7,6 +7,15 @@ export time (a constant of the graph, so ONNX / TensorRT see a static TopK).
 
 ``history_mask`` marks real items (True); they come first in each row and every row has at least one.
 ``history_len = history_mask.sum(1)``; masked entries are ignored whatever their id (-1 is customary).
+
+Invalid input never yields a plausible score (the graphs are served raw by Triton's ONNX Runtime /
+TensorRT backends, with no runtime in front to check requests). A row is invalid when its mask has a
+hole or no True entry, an id under its mask is outside ``0..N-1``, or the history is wider than
+``max_history``; its scores are NaN (top-k: NaN scores, item id -1). A candidate outside ``0..N-1``, or
+any candidate beyond ``max_candidates`` per row, scores NaN. Invalid ids are replaced by safe ones
+before any gather, so no engine reads out of bounds or wraps -1 around to the last item; on valid input
+the graphs compute exactly what they did without these checks.
+
 The item-token table, recency and candidate embeddings, template token embeddings, SPAE slopes, head and
 the decoder (LoRA merged into its weights) are module state, so an exporter bakes them in. The graphs run
 the model's own ``prompt`` / ``pred_state`` on a slim module holding only what inference reads (no MoME,
@@ -80,7 +89,7 @@ class _Slim(nn.Module):
 
     fused_item_path = False  # export graphs use standard ops only (EXPORT_BACKENDS)
 
-    def __init__(self, model: SpeederModel, dtype: torch.dtype, backend: str) -> None:
+    def __init__(self, model: SpeederModel, dtype: torch.dtype, backend: str, ranges: Ranges | None = None) -> None:
         super().__init__()
         if backend not in EXPORT_BACKENDS:
             raise ValueError(f"attention backend for export must be one of {list(EXPORT_BACKENDS)}, got {backend!r}")
@@ -92,6 +101,8 @@ class _Slim(nn.Module):
         decoder.set_input_embeddings(nn.Embedding.from_pretrained(rows, freeze=True))
         self.register_buffer("template", torch.arange(len(rows), device=rows.device))
         self.cfg = model.cfg
+        self.max_history = ranges.max_history if ranges else model.cfg.max_history
+        self.max_candidates = ranges.max_candidates if ranges else None
         self.template_sizes = model.template_sizes
         self.hidden_size = model.hidden_size
         self.decoder = decoder
@@ -105,45 +116,70 @@ class _Slim(nn.Module):
         self.eval()
         SpeederModel.set_backend(self, backend)
 
-    def query(self, history_ids: torch.Tensor, history_mask: torch.Tensor,
+    def valid(self, history_ids: torch.Tensor, history_mask: torch.Tensor,
               candidate_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(PRED query [B, d], candidate item tokens [B, K, d]), both float32."""
-        history = torch.where(history_mask, history_ids, -1)
-        embeds, lay, cand_tok = SpeederModel.prompt(self, history, history_mask.sum(1), candidate_ids, self.item_table)
-        return SpeederModel.pred_state(self, embeds, lay).float(), cand_tok.float()
+        """(valid rows bool [B], valid candidates bool [B, K]) by the rules of the module docstring; shape
+        bounds are tensor comparisons (no guard on the symbolic sizes, so they survive export)."""
+        num_items = self.item_table.shape[0]
+        slot = torch.arange(history_ids.shape[1], device=history_ids.device)
+        length = history_mask.sum(1)
+        in_catalog = (history_ids >= 0) & (history_ids < num_items)
+        rows = ((history_mask == (slot[None, :] < length[:, None])).all(1) & (length >= 1)
+                & (in_catalog | ~history_mask).all(1) & (slot < self.max_history).all())
+        cands = (candidate_ids >= 0) & (candidate_ids < num_items)
+        if self.max_candidates is not None:
+            cands = cands & (torch.arange(candidate_ids.shape[1], device=cands.device) < self.max_candidates).all()
+        return rows, cands
+
+    def query(self, history_ids: torch.Tensor, history_mask: torch.Tensor,
+              candidate_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(PRED query [B, d], candidate item tokens [B, K, d], both float32, valid rows [B], valid candidates
+        [B, K]). Invalid rows run as empty histories and invalid candidates as item 0 (in range, discarded)."""
+        rows, cands = self.valid(history_ids, history_mask, candidate_ids)
+        real = history_mask & rows[:, None]
+        history = torch.where(real, history_ids, -1)
+        safe_candidates = torch.where(cands, candidate_ids, 0)
+        embeds, lay, cand_tok = SpeederModel.prompt(self, history, real.sum(1), safe_candidates, self.item_table)
+        return SpeederModel.pred_state(self, embeds, lay).float(), cand_tok.float(), rows, cands
 
 
 class ScoringGraph(nn.Module):
     """Candidate scoring: ``forward(history_ids, history_mask, candidate_ids) -> scores [B, K]``."""
 
-    def __init__(self, model: SpeederModel, dtype: torch.dtype = torch.float32, backend: str = "sdpa") -> None:
+    def __init__(self, model: SpeederModel, dtype: torch.dtype = torch.float32, backend: str = "sdpa",
+                 ranges: Ranges | None = None) -> None:
         super().__init__()
-        self.core = _Slim(model, dtype, backend)
+        self.core = _Slim(model, dtype, backend, ranges)
 
     def forward(self, history_ids: torch.Tensor, history_mask: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
-        query, cand = self.core.query(history_ids, history_mask, candidate_ids)
-        return torch.einsum("bd,bkd->bk", query, cand)
+        query, cand, rows, cands = self.core.query(history_ids, history_mask, candidate_ids)
+        scores = torch.einsum("bd,bkd->bk", query, cand)
+        return scores.masked_fill(~(rows[:, None] & cands), float("nan"))
 
 
 class TopKGraph(nn.Module):
     """Full-catalog top-``k``: ``forward(history_ids, history_mask) -> (item_ids [B, k], scores [B, k])``."""
 
-    def __init__(self, model: SpeederModel, k: int, dtype: torch.dtype = torch.float32, backend: str = "sdpa") -> None:
+    def __init__(self, model: SpeederModel, k: int, dtype: torch.dtype = torch.float32, backend: str = "sdpa",
+                 ranges: Ranges | None = None) -> None:
         super().__init__()
         if not 1 <= k <= model.num_items:
             raise ValueError(f"--topk must be in 0..{model.num_items} (the catalog size; 0 = no top-k graph), got {k}")
         self.k = k
-        self.core = _Slim(model, dtype, backend)
+        self.core = _Slim(model, dtype, backend, ranges)
 
     def forward(self, history_ids: torch.Tensor, history_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        query, _ = self.core.query(history_ids, history_mask, history_ids[:, :0])
+        query, _, rows, _ = self.core.query(history_ids, history_mask, history_ids[:, :0])
         scores = query @ self.core.item_table.float().T
-        # Masked entries point at the row's first (always real) item, so every write is "seen" and
-        # duplicate indices cannot race (a plain scatter, no reduction: ONNX / TensorRT friendly).
-        seen_ids = torch.where(history_mask, history_ids, history_ids[:, :1])
+        # Masked entries point at the row's first item (real in a valid row; item 0 in an invalid one), so
+        # every index is in range and every write is "seen": duplicate indices cannot race (a plain
+        # scatter, no reduction: ONNX / TensorRT friendly).
+        first = torch.where(rows, history_ids[:, 0], 0)[:, None]
+        seen_ids = torch.where(history_mask & rows[:, None], history_ids, first)
         seen = torch.zeros_like(scores, dtype=torch.bool).scatter(1, seen_ids, True)
         top = scores.masked_fill(seen, float("-inf")).topk(self.k, dim=1)
-        return top.indices, top.values
+        valid = rows[:, None]
+        return top.indices.masked_fill(~valid, -1), top.values.masked_fill(~valid, float("nan"))
 
 
 def example_inputs(num_items: int, topk: bool, device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:

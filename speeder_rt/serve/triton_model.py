@@ -1,0 +1,56 @@
+"""The model of Triton's Python backend for a speeder_rt export (``model_repository_python/*/1/model.py`` imports it).
+
+Each model instance loads the export with ``Recommender`` (its ``export_dir`` parameter, relative to the model's
+directory or absolute; ``graph``: ``scores`` for ``speeder``, ``topk`` for ``speeder_topk``) and answers each
+batch of requests with one runtime call (``batch.answer``). A bad request gets ``INVALID_ARG`` (HTTP 400,
+gRPC INVALID_ARGUMENT) with the runtime's message and no traceback; the other requests of its batch are
+answered as if it had not been there. Only importable inside Triton's Python backend stub.
+"""
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from speeder_rt.runtime import Recommender
+from speeder_rt.serve.batch import CLIENT_ERRORS, answer
+
+INPUTS = {"scores": ("history_ids", "history_mask", "candidate_ids"), "topk": ("history_ids", "history_mask")}
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        if int(np.__version__.split(".")[0]) >= 2:
+            raise RuntimeError(f"numpy {np.__version__} in Triton's Python backend stub: the wheel's stub needs "
+                               "numpy<2 (with numpy 2 it returns empty responses); use the serve venv")
+        config = json.loads(args["model_config"])
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        self.graph = params["graph"]
+        if self.graph not in INPUTS:
+            raise ValueError(f"parameter graph={self.graph!r}: must be one of {sorted(INPUTS)}")
+        export_dir = (Path(args["model_repository"]) / params["export_dir"]).resolve()  # an absolute one stays
+        self.recommender = Recommender.load(export_dir)
+        self.logger = pb_utils.Logger
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        inputs = [{name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in INPUTS[self.graph]}
+                  for r in requests]
+        try:
+            answers = answer(self.recommender, self.graph, inputs)
+        except Exception:  # noqa: BLE001 -- a server fault: logged here, a short message to the clients
+            self.logger.log_error(traceback.format_exc())
+            answers = [RuntimeError("internal error (see the server log)")] * len(requests)
+        return [self._response(a) for a in answers]
+
+    def _response(self, result: Any) -> Any:
+        if isinstance(result, CLIENT_ERRORS):
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG))
+        if isinstance(result, Exception):
+            self.logger.log_error("".join(traceback.format_exception(result)))
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {type(result).__name__}"))
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(array))
+                                                          for name, array in result.items()])

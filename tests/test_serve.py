@@ -1,0 +1,327 @@
+"""Serving on the real Triton Inference Server (the nvidia-pytriton wheel's tritonserver 2.51, Python backend):
+``python -m speeder_rt.serve`` on a tiny ONNX export, queried with tritonclient over HTTP and gRPC, and the exported
+``model_repository_python/`` loaded as written.
+
+Runs in the serve venv (.venv-serve: numpy<2, nvidia-pytriton, tritonclient), which ``make test`` builds; elsewhere
+it skips. Servers bind 127.0.0.1 on free ports, every wait is bounded, and every process is stopped by PID in
+teardown (the process of the command, then anything left whose command line names the test's directory).
+"""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton", reason="serving runs in the serve venv (.venv-serve, built by make test)")
+httpclient = pytest.importorskip("tritonclient.http")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from tiny_model import tiny_speeder  # noqa: E402
+
+from speeder_rt.export import export_model  # noqa: E402
+from speeder_rt.export.graph import Ranges  # noqa: E402
+from speeder_rt.runtime import Recommender  # noqa: E402
+from speeder_rt.serve.server import Endpoints, check_ports  # noqa: E402
+
+N_ITEMS, RANGES, TOPK = 120, Ranges(max_batch=32, max_history=8, max_candidates=20), 5
+START_TIMEOUT_S = 240  # a cold start imports torch in three processes; this 2-core machine is shared
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- processes ---------------------------------------------------------------------------------------------------
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def processes_naming(marker):
+    """PIDs of live processes whose command line contains ``marker`` (this test's directory)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+class Server:
+    """A serving command run in ``workdir`` (its TMPDIR, so every file and child process names it)."""
+
+    def __init__(self, args, workdir):
+        self.workdir = workdir
+        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+        self.log_path = workdir / "server.log"
+        env = {**os.environ, "TMPDIR": str(workdir)}
+        cmd = [sys.executable, *args, "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+               "--metrics-port", str(self.metrics_port)]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, models=("speeder", "speeder_topk")):
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{self.http_port}")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the server exited with {self.proc.returncode} while starting:\n{self.log()[-4000:]}")
+            try:
+                if all(client.is_model_ready(m) for m in models):
+                    return
+            except Exception:  # noqa: BLE001 -- not listening yet
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"the server was not ready within {START_TIMEOUT_S} s:\n{self.log()[-4000:]}")
+
+    def stop(self):
+        """SIGTERM, then SIGKILL after 15 s; then SIGKILL for anything left that names the work directory."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+        for _ in range(20):  # tritonserver and the stubs go down after their parent; bounded wait
+            left = processes_naming(str(self.workdir))
+            if not left:
+                return []
+            time.sleep(0.5)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        return left
+
+
+# -- fixtures ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    """A tiny random-init Speeder (120 items, max_history 12) exported to ONNX with both graphs."""
+    out = tmp_path_factory.mktemp("serve_export") / "onnx"
+    export_model(tiny_speeder(N_ITEMS), "onnx", out, ranges=RANGES, topk=TOPK, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rec(export_dir):
+    return Recommender.load(export_dir)
+
+
+@pytest.fixture(scope="module")
+def server(export_dir, tmp_path_factory):
+    """python -m speeder_rt.serve with a 20 ms queue delay (so concurrent requests surely meet in a batch)."""
+    srv = Server(["-m", "speeder_rt.serve", "--export", str(export_dir), "--queue-delay-us", "20000"],
+                 tmp_path_factory.mktemp("serve_cli"))
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        left = srv.stop()
+        assert not left, f"processes left after the server stopped: {left}"
+
+
+# -- clients -----------------------------------------------------------------------------------------------------
+def inputs(module, history_ids, history_mask, candidate_ids=None):
+    tensors = []
+    for name, array, dtype in (("history_ids", history_ids, "INT64"), ("history_mask", history_mask, "BOOL"),
+                               ("candidate_ids", candidate_ids, "INT64")):
+        if array is not None:
+            tensor = module.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+    return tensors
+
+
+def padded(histories, width=None):
+    width = width or max(map(len, histories))
+    ids = np.array([list(h) + [-1] * (width - len(h)) for h in histories], dtype=np.int64)
+    return ids, np.array([[True] * len(h) + [False] * (width - len(h)) for h in histories])
+
+
+def clients(srv):
+    return {"http": (httpclient, httpclient.InferenceServerClient(f"127.0.0.1:{srv.http_port}")),
+            "grpc": (grpcclient, grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}"))}
+
+
+def server_batches(srv, model="speeder"):
+    """(requests, executions) of ``model`` from the Prometheus metrics endpoint."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+
+    def counter(name):
+        return sum(float(v) for v in re.findall(rf'^{name}{{model="{model}",version="1"}} (\S+)$', text, re.M))
+
+    return counter("nv_inference_request_success"), counter("nv_inference_exec_count")
+
+
+HISTORIES = [[3, 17, 5], [8], [0, 1, 2, 3, 4, 5, 6, 7], [44, 0], [119]]
+CANDIDATES = np.random.default_rng(0).integers(0, N_ITEMS, size=(5, 7)).astype(np.int64)
+
+
+# -- tests -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_scores_and_topk_equal_the_recommender(server, rec, protocol):
+    module, client = clients(server)[protocol]
+    for rows in (slice(0, 1), slice(1, 2), slice(0, 5)):  # one request at a time: exactly what the runtime returns
+        histories = HISTORIES[rows]
+        ids, mask = padded(histories)
+        got = client.infer("speeder", inputs(module, ids, mask, CANDIDATES[rows])).as_numpy("scores")
+        np.testing.assert_array_equal(got, rec.recommend(histories, CANDIDATES[rows]))
+        result = client.infer("speeder_topk", inputs(module, ids, mask))
+        want_ids, want_scores = rec.topk(histories, k=TOPK)
+        np.testing.assert_array_equal(result.as_numpy("item_ids"), want_ids)
+        np.testing.assert_array_equal(result.as_numpy("scores"), want_scores)
+    ids, mask = padded(HISTORIES[:1], width=8)  # wider padding (mask False) changes nothing
+    got = client.infer("speeder", inputs(module, ids, mask, CANDIDATES[:1])).as_numpy("scores")
+    np.testing.assert_array_equal(got, rec.recommend(HISTORIES[:1], CANDIDATES[:1]))
+
+
+def bad_requests():
+    """(history_ids, history_mask, candidate_ids) that the runtime or the wire format refuses."""
+    ok_ids, ok_mask = padded([[3, 4]])
+    return {
+        "history id past the catalog": (*padded([[3, N_ITEMS]]), np.array([[1]])),
+        "negative id under the mask": (np.array([[3, -2]]), np.array([[True, True]]), np.array([[1]])),
+        "history too long": (*padded([list(range(9))]), np.array([[1]])),
+        "empty history": (np.array([[3, 4]]), np.array([[False, False]]), np.array([[1]])),
+        "hole in the mask": (np.array([[3, 4, 5]]), np.array([[True, False, True]]), np.array([[1]])),
+        "candidate past the catalog": (ok_ids, ok_mask, np.array([[N_ITEMS]])),
+        "negative candidate": (ok_ids, ok_mask, np.array([[-1]])),
+        "too many candidates": (ok_ids, ok_mask, np.zeros((1, 21), dtype=np.int64)),
+    }
+
+
+def expected_message(rec, history_ids, history_mask, candidate_ids):
+    """The message the runtime (or the serving layer's mask check) gives for this input in-process."""
+    from speeder_rt.serve.batch import CLIENT_ERRORS, answer
+
+    (result,) = answer(rec, "scores", [{"history_ids": history_ids, "history_mask": history_mask,
+                                        "candidate_ids": candidate_ids}])
+    assert isinstance(result, CLIENT_ERRORS)
+    return str(result)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_requests_get_a_client_error_with_the_runtime_message_and_the_server_stays_up(server, rec, protocol):
+    module, client = clients(server)[protocol]
+    status = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}[protocol]
+    for name, (ids, mask, cands) in bad_requests().items():
+        ids, cands = ids.astype(np.int64), cands.astype(np.int64)
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("speeder", inputs(module, ids, mask, cands))
+        assert err.value.status() == status, name
+        assert err.value.message() == expected_message(rec, ids, mask, cands), name
+        assert "Traceback" not in err.value.message()
+        ids_ok, mask_ok = padded(HISTORIES[:2])  # answered correctly right after
+        got = client.infer("speeder", inputs(module, ids_ok, mask_ok, CANDIDATES[:2])).as_numpy("scores")
+        np.testing.assert_array_equal(got, rec.recommend(HISTORIES[:2], CANDIDATES[:2]))
+    with pytest.raises(InferenceServerException) as err:  # Triton's own check: more rows than max_batch_size
+        ids, mask = padded([[1]] * 33)
+        client.infer("speeder", inputs(module, ids, mask, np.ones((33, 1), dtype=np.int64)))
+    assert err.value.status() == status
+
+
+def test_mixed_lengths_batch_together_and_bad_requests_fail_alone(server, rec):
+    """192 single-user requests from 64 threads, history lengths 1..8, 3 or 20 candidates, a few bad ones among them:
+    Triton merges them into batches (the metrics count executions), every good request gets its own scores and
+    every bad one its own 400."""
+    rng = np.random.default_rng(1)
+    requests = []
+    for i in range(192):
+        history = rng.integers(0, N_ITEMS, size=int(rng.integers(1, 9))).tolist()
+        cands = rng.integers(0, N_ITEMS, size=(1, int(rng.choice([3, 20]))))
+        bad = i % 16 == 5
+        if bad:
+            cands[0, 0] = N_ITEMS
+        requests.append((history, cands.astype(np.int64), bad))
+    host = f"127.0.0.1:{server.http_port}"
+    before = server_batches(server)
+
+    def send(request):
+        history, cands, _ = request
+        client = httpclient.InferenceServerClient(host)
+        try:
+            return client.infer("speeder", inputs(httpclient, *padded([history]), cands)).as_numpy("scores")
+        except InferenceServerException as e:
+            return e
+
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(send, requests))
+    after = server_batches(server)
+    for (history, cands, bad), got in zip(requests, answers):
+        if bad:
+            assert isinstance(got, InferenceServerException) and got.status() == "400"
+            assert got.message() == "candidate_ids: item ids must be in 0..119"
+        else:
+            assert not isinstance(got, Exception), got
+            # batched with others: padded to the batch's longest history; equal up to float reassociation
+            np.testing.assert_allclose(got, rec.recommend([history], cands), rtol=1e-5, atol=1e-6)
+    successes, executions = after[0] - before[0], after[1] - before[1]
+    # the Python backend's error responses count as successes in Triton's metrics (192 here, 180 of them good)
+    assert sum(not bad for *_, bad in requests) <= successes <= len(requests)
+    assert executions > 0 and successes / executions >= 4, f"average server batch {successes / executions:.2f}"
+
+
+def test_a_port_in_use_is_refused_with_a_clear_message(export_dir, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(Exception, match=rf"--grpc-port {port}: cannot listen on 127.0.0.1:{port}"):
+            check_ports(Endpoints("127.0.0.1", free_ports(1)[0], port, free_ports(1)[0]))
+        proc = subprocess.run([sys.executable, "-m", "speeder_rt.serve", "--export", str(export_dir), "--http-port",
+                               str(port)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"--http-port {port}: cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert not processes_naming(str(tmp_path))
+
+
+def test_the_wheels_tritonserver_loads_the_exported_python_repository(export_dir, rec, tmp_path):
+    """The repository exactly as the exporter wrote it (config.pbtxt, 1/model.py, export_dir "../..")."""
+    script = ("import sys; from pathlib import Path; from speeder_rt.serve.server import Endpoints, serve_repository; "
+              "a = sys.argv; sys.exit(serve_repository(Path(a[1]), Endpoints('127.0.0.1', int(a[3]), int(a[5]), "
+              "int(a[7]))))")
+    srv = Server(["-c", script, str(export_dir / "model_repository_python")], tmp_path)
+    try:
+        srv.wait_ready()
+        config = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{srv.http_port}/v2/models/speeder/config",
+                                                   timeout=10).read())
+        assert config["backend"] == "python" and config["max_batch_size"] == RANGES.max_batch
+        assert [i["name"] for i in config["input"]] == ["history_ids", "history_mask", "candidate_ids"]
+        module, client = clients(srv)["http"]
+        ids, mask = padded(HISTORIES)
+        got = client.infer("speeder", inputs(module, ids, mask, CANDIDATES)).as_numpy("scores")
+        np.testing.assert_array_equal(got, rec.recommend(HISTORIES, CANDIDATES))
+        result = client.infer("speeder_topk", inputs(module, ids, mask))
+        np.testing.assert_array_equal(result.as_numpy("item_ids"), rec.topk(HISTORIES, k=TOPK)[0])
+    finally:
+        left = srv.stop()
+    assert srv.proc.returncode == 0 and not left
+
+
+def test_sigterm_stops_the_server_with_exit_0_within_10_s(server):
+    """Last in this module: it stops the module's server (the fixture's teardown then finds it stopped)."""
+    start = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    code = server.proc.wait(timeout=30)
+    elapsed = time.monotonic() - start
+    assert code == 0, server.log()[-3000:]
+    assert elapsed < 10, f"stopped after {elapsed:.1f} s"
+    assert "speeder_rt.serve: stopped" in server.log()

@@ -17,11 +17,11 @@ from typing import Union
 import numpy as np
 
 from speeder_rt.runtime import Recommender
+from speeder_rt.runtime.validation import RequestError
 
-# The runtime's request errors. Today Recommender raises ValueError; with speeder_rt.runtime.validation's
-# RequestError merged this becomes (RequestError,).
-CLIENT_ERRORS: tuple[type[Exception], ...] = (ValueError,)
-ClientError = ValueError  # what this module raises for inputs only the wire format has (the mask)
+# The request contract's refusals (speeder_rt.runtime.validation), also raised here for the one input only the
+# wire format has (the mask).
+CLIENT_ERRORS: tuple[type[Exception], ...] = (RequestError,)
 
 Inputs = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
@@ -32,14 +32,14 @@ def histories(history_ids: np.ndarray, history_mask: np.ndarray) -> list[np.ndar
     """Each row's real items (``history_ids`` where ``history_mask``), the mask checked: True for the history's
     items and False after them, like the exported graphs expect."""
     if history_ids.shape != history_mask.shape:
-        raise ClientError(f"history_mask: shape {list(history_mask.shape)} differs from history_ids' "
-                          f"{list(history_ids.shape)}")
+        raise RequestError("history_mask", f"shape {list(history_mask.shape)} differs from history_ids' "
+                                           f"{list(history_ids.shape)}")
     mask = history_mask.astype(bool, copy=False)
     lengths = mask.sum(1)
     holes = np.flatnonzero((mask != (np.arange(mask.shape[1])[None, :] < lengths[:, None])).any(1))
     if holes.size:
-        raise ClientError(f"history_mask[{holes[0]}]: must be True for the history's items and False after them "
-                          "(no False before a True)")
+        raise RequestError(f"history_mask[{holes[0]}]", "must be True for the history's items and False after "
+                                                        "them (no False before a True)")
     return [row[:n] for row, n in zip(history_ids, lengths)]
 
 

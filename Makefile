@@ -19,7 +19,7 @@ CPP_SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu include/speeder_rt
 # its own venv: the CPU torch file first (nothing may pull a CUDA build), then the package with serve + export.
 SERVE_VENV := .venv-serve
 SERVE_PY := $(SERVE_VENV)/bin/python
-SERVE_PIP := $(SERVE_PY) -m pip --disable-pip-version-check -q
+SERVE_PIP := $(SERVE_PY) -m pip --disable-pip-version-check -q 2> >(grep --line-buffered -v "$(PIP_LOCATION_NOISE)" >&2)
 
 .PHONY: demo test venv cpp serve serve-venv clean
 

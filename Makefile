@@ -43,7 +43,10 @@ cpp: $(VENV)/.ext
 demo: $(VENV)/.base
 	$(PY) -m speeder_rt.demo
 
+# The quick sm_90a compile report (speeder_rt.kernels.sm90_report) builds the kernels for Hopper without a GPU;
+# compiled kernels and analysed rows are cached in build/sm90. Then the tests, the kernels under the interpreter.
 test: cpp
+	env -u TRITON_INTERPRET $(PY) -m speeder_rt.kernels.sm90_report --quick --out build/sm90
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 clean:

@@ -1,11 +1,16 @@
 """position_aware_attention (Triton, FA2-style) against its plain PyTorch reference.
 
-On CPU the kernels run under TRITON_INTERPRET=1 (fp32 / fp16 only: the interpreter mishandles bf16); the GPU
-cases (``@pytest.mark.gpu``) repeat the matrix at real sizes in bf16 / fp16.
+On CPU the kernels run under TRITON_INTERPRET=1 (fp32 / fp16 only: the interpreter mishandles bf16; its dots are
+exact fp32). The GPU cases (``@pytest.mark.gpu``) run the model's specialisations, the ones the sm90 report
+compiles (``speeder_rt.kernels.sm90_report``: D in 16..128, L in 1 / 17 / 64 / 94 / 1024, GQA 14 / 2, causal,
+right padding, int32 item indices, HF's transposed [B, L, H, D] layout) in bf16 and fp32, every autotune config
+forced in turn, and the deterministic mode's bitwise reproducibility.
 
-Tolerance rule (flash-attention's tests): for the output and every gradient, the kernel's max error against a
-high-precision reference (fp64 on CPU, fp32 on GPU) is at most twice the max error of the same reference computed
-in the input precision, plus a small floor for values that are ~0 in both.
+Tolerance rule (flash-attention's tests): for the output and every gradient, the kernel's max error against an
+fp64 reference is at most twice the max error of the same reference computed in the input precision, plus a small
+floor for values that are ~0 in both. fp32 inputs multiply in TF32 on the GPU (10-bit mantissa, fp32
+accumulation), so there "the input precision" is the fp32 reference with TF32 matmuls
+(``torch.backends.cuda.matmul.allow_tf32``): the kernel may be at most twice as far from fp64 as that.
 """
 
 from __future__ import annotations
@@ -19,8 +24,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import triton
 
-from speeder_rt.kernels import position_aware_attention, position_aware_attention_reference
+from speeder_rt.kernels import (
+    position_aware_attention,
+    position_aware_attention_reference,
+    use_deterministic_kernels,
+)
+from speeder_rt.kernels.sm90_report import ATTENTION_SEQ_LENS, HEAD_DIMS, MODEL_HEADS
 
 # The package re-exports the function under the module's name, so fetch the module itself explicitly.
 paa_module = importlib.import_module("speeder_rt.kernels.position_aware_attention")
@@ -86,19 +97,12 @@ def _cpu_cases() -> list[Case]:
 
 
 def _gpu_cases() -> list[Case]:
-    """Real sizes in bf16 / fp16. Kept to six cases that share kernel specialisations, since the first run of each
-    (dtype, D, causal, mask, L % 16) combination compiles and autotunes every config."""
-    shapes = [  # (L, (Hq, Hkv), D, causal, padding, dtype)
-        (128, (14, 2), 64, True, "none", torch.bfloat16),
-        (128, (16, 16), 128, False, "left", torch.float16),
-        (1000, (14, 2), 128, True, "all_pad_row", torch.bfloat16),
-        (2048, (16, 16), 64, True, "scattered", torch.float16),
-        (4096, (14, 2), 128, True, "right", torch.bfloat16),
-        (4096, (16, 16), 64, True, "none", torch.bfloat16),
-    ]
+    """Every (D, L) of the sm90 report's attention workloads, bf16 and fp32, at its GQA heads; right padding (as
+    prompts are padded), int32 indices."""
+    q_heads, kv_heads = MODEL_HEADS
     return [
-        Case(2, hq, hkv, seq_len, head_dim, causal, padding, dtype)
-        for seq_len, (hq, hkv), head_dim, causal, padding, dtype in shapes
+        Case(2, q_heads, kv_heads, seq_len, head_dim, True, "right", dtype, torch.int32)
+        for dtype in (torch.bfloat16, torch.float32) for head_dim in HEAD_DIMS for seq_len in ATTENTION_SEQ_LENS
     ]
 
 
@@ -167,22 +171,37 @@ def _assert_tolerance_rule(name: str, kernel, low_ref, high_ref, floor: float) -
     assert kernel_err <= bound, f"{name}: kernel error {kernel_err:.3e} > {bound:.3e} (reference error {ref_err:.3e})"
 
 
-def _check_against_reference(case: Case, device: str, high_dtype: torch.dtype, floor: float) -> None:
-    q, k, v, item_idx, slopes, mask, grad_out = _make_inputs(case, device)
-    out, grads = _forward_backward(position_aware_attention, q, k, v, item_idx, slopes, mask, case.causal, grad_out)
-    low_out, low_grads = _forward_backward(
-        position_aware_attention_reference, q, k, v, item_idx, slopes, mask, case.causal, grad_out, upcast=False
-    )
-    up = [t.to(high_dtype) for t in (q, k, v, slopes, grad_out)]
-    high_out, high_grads = _forward_backward(
-        position_aware_attention_reference, up[0], up[1], up[2], item_idx, up[3], mask, case.causal, up[4]
-    )
+def _hf_layout(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, D] values as the transposed view of a contiguous [B, L, H, D] tensor (what HF's projections give)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
+
+def _references(case: Case, inputs) -> tuple:
+    """(low-precision, fp64) reference outputs and gradients; the low one in the input dtype, or for fp32 on a GPU
+    with TF32 matmuls (the kernels' fp32 dots are TF32 there)."""
+    q, k, v, item_idx, slopes, mask, grad_out = inputs
+    tf32 = q.is_cuda and q.dtype == torch.float32
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        low = _forward_backward(position_aware_attention_reference, q, k, v, item_idx, slopes, mask, case.causal,
+                                grad_out, upcast=tf32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    up = [t.double() for t in (q, k, v, slopes, grad_out)]
+    high = _forward_backward(position_aware_attention_reference, up[0], up[1], up[2], item_idx, up[3], mask,
+                             case.causal, up[4])
+    return low, high
+
+
+def _assert_matches(case: Case, inputs, result, references, floor: float) -> None:
+    q, mask = inputs[0], inputs[5]
+    out, grads = result
+    (low_out, low_grads), (high_out, high_grads) = references
     assert out.dtype == q.dtype and out.shape == q.shape
     _assert_tolerance_rule("out", out, low_out, high_out, floor)
     for name in GRAD_NAMES:
         _assert_tolerance_rule(name, grads[name], low_grads[name], high_grads[name], floor)
-
     if mask is not None:  # padded queries: zero rows, no gradient; padded keys: no dK / dV
         query_pad = ~mask[:, None, :, None]
         assert (out.masked_select(query_pad) == 0).all()
@@ -191,11 +210,23 @@ def _check_against_reference(case: Case, device: str, high_dtype: torch.dtype, f
         assert (grads["dv"].masked_select(query_pad) == 0).all()
 
 
+def _kernel_result(case: Case, inputs):
+    q, k, v, item_idx, slopes, mask, grad_out = inputs
+    return _forward_backward(position_aware_attention, q, k, v, item_idx, slopes, mask, case.causal, grad_out)
+
+
+def _check_against_reference(case: Case, device: str, floor: float, hf_layout: bool = False) -> None:
+    inputs = _make_inputs(case, device)
+    if hf_layout:
+        inputs = (*(_hf_layout(t) for t in inputs[:3]), *inputs[3:6], _hf_layout(inputs[6]))
+    _assert_matches(case, inputs, _kernel_result(case, inputs), _references(case, inputs), floor)
+
+
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
 def test_matches_reference(case):
     # fp64 is the high-precision reference. The absolute floor covers values that are ~0 in both (e.g. dq at L=1,
     # exactly 0 in the references but fp32 rounding noise in the kernel) and fp32 summation-order noise.
-    _check_against_reference(case, "cpu", torch.float64, floor=1e-5)
+    _check_against_reference(case, "cpu", floor=1e-5)
 
 
 # The dK/dV kernel does not mask padded keys per tile (their rows are zeroed before the store), so the huge k/v
@@ -323,7 +354,7 @@ def test_misuse_raises_value_error(kind, monkeypatch):
     def no_launch(*args, **kwargs):
         raise AssertionError("validation must happen before any launch")
 
-    monkeypatch.setattr(paa_module._PositionAwareAttention, "apply", no_launch)
+    monkeypatch.setattr(paa_module, "_forward_op", no_launch)
     overrides, pattern = MISUSE[kind]
     with pytest.raises(ValueError, match=pattern):
         position_aware_attention(**{**_valid_args(), **overrides})
@@ -332,5 +363,56 @@ def test_misuse_raises_value_error(kind, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
 def test_matches_reference_gpu(case):
-    # High-precision reference in fp32 (fp64 at L=4096 would need tens of GB); the floor only matters for ~0 values.
-    _check_against_reference(case, "cuda", torch.float32, floor=1e-5)
+    # The floor only matters for ~0 values (dq at L = 1).
+    _check_against_reference(case, "cuda", floor=1e-5, hf_layout=True)
+
+
+def _kept_configs(case: Case, q: torch.Tensor) -> dict[str, list]:
+    """kernel dict name -> the configs its pruner keeps for this case (what the autotuner would benchmark)."""
+    args = {"HEAD_DIM": case.head_dim, "Q": q, "L_BUCKET": triton.next_power_of_2(case.seq_len)}
+    return {
+        "_FWD_BY_D": paa_module._FWD_PRUNE(paa_module._FWD_CONFIGS, args),
+        "_DKDV_BY_D": paa_module._DKDV_PRUNE(paa_module._DKDV_CONFIGS, args),
+        "_DQ_BY_D": paa_module._DQ_PRUNE(paa_module._DQ_CONFIGS, args),
+    }
+
+
+FORCED_CASES = [c for c in GPU_CASES if c.head_dim in (64, 128) and c.seq_len in (94, 1024)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", FORCED_CASES, ids=lambda c: c.id)
+def test_every_config_gpu(case, monkeypatch):
+    """Every config the pruner keeps, forced in turn (deterministic mode launches the first config of the head
+    dim's list, which is made the one under test): not only the config the autotuner happens to pick."""
+    inputs = _make_inputs(case, "cuda")
+    inputs = (*(_hf_layout(t) for t in inputs[:3]), *inputs[3:6], _hf_layout(inputs[6]))
+    references = _references(case, inputs)
+    kept = _kept_configs(case, inputs[0])
+    use_deterministic_kernels(True)
+    try:
+        for i in range(max(len(configs) for configs in kept.values())):
+            for table, configs in kept.items():
+                monkeypatch.setitem(getattr(paa_module, table), case.head_dim, [configs[min(i, len(configs) - 1)]])
+            _assert_matches(case, inputs, _kernel_result(case, inputs), references, floor=1e-5)
+    finally:
+        use_deterministic_kernels(False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_deterministic_is_bitwise_reproducible_gpu(head_dim):
+    """deterministic=True: the output and every gradient are the same bits on every run, also from copies of the
+    inputs at other addresses; the autotuned path meanwhile may have picked any config."""
+    case = Case(4, *MODEL_HEADS, 1024, head_dim, True, "right", torch.bfloat16, torch.int32)
+    inputs = _make_inputs(case, "cuda")
+    _kernel_result(case, inputs)  # autotune first: the fixed config must not depend on the tuner's state
+    use_deterministic_kernels(True)
+    try:
+        runs = [_kernel_result(case, tuple(t if t is None else t.clone() for t in inputs)) for _ in range(3)]
+    finally:
+        use_deterministic_kernels(False)
+    for out, grads in runs[1:]:
+        assert torch.equal(out, runs[0][0])
+        for name in GRAD_NAMES:
+            assert torch.equal(grads[name], runs[0][1][name]), name

@@ -15,6 +15,7 @@ accumulation), so there "the input precision" is the fp32 reference with TF32 ma
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import math
@@ -215,10 +216,8 @@ def _kernel_result(case: Case, inputs):
     return _forward_backward(position_aware_attention, q, k, v, item_idx, slopes, mask, case.causal, grad_out)
 
 
-def _check_against_reference(case: Case, device: str, floor: float, hf_layout: bool = False) -> None:
+def _check_against_reference(case: Case, device: str, floor: float) -> None:
     inputs = _make_inputs(case, device)
-    if hf_layout:
-        inputs = (*(_hf_layout(t) for t in inputs[:3]), *inputs[3:6], _hf_layout(inputs[6]))
     _assert_matches(case, inputs, _kernel_result(case, inputs), _references(case, inputs), floor)
 
 
@@ -360,52 +359,94 @@ def test_misuse_raises_value_error(kind, monkeypatch):
         position_aware_attention(**{**_valid_args(), **overrides})
 
 
+# --------------------------------------------------------------------------------------------------------------
+# GPU. Every case is one of the sm90 report's specialisations, so after gpu_check.sh's precompile these tests load
+# compiled kernels and never wait on the compiler (tests/test_sm90_report.py checks that on CPU).
+# --------------------------------------------------------------------------------------------------------------
+def hf_inputs(case: Case, device: torch.device | str = "cuda"):
+    """Fresh inputs with q, k, v and dO in HF's transposed [B, L, H, D] layout."""
+    q, k, v, item_idx, slopes, mask, grad_out = _make_inputs(case, device)
+    return _hf_layout(q), _hf_layout(k), _hf_layout(v), item_idx, slopes, mask, _hf_layout(grad_out)
+
+
+# kernel -> (the module's per-head-dim config table, its pruner, the autotuner's list)
+_TUNED_KERNELS = {
+    "fwd": ("_FWD_BY_D", "_FWD_PRUNE", "_FWD_CONFIGS"),
+    "dkdv": ("_DKDV_BY_D", "_DKDV_PRUNE", "_DKDV_CONFIGS"),
+    "dq": ("_DQ_BY_D", "_DQ_PRUNE", "_DQ_CONFIGS"),
+}
+
+
+def kept_configs(case: Case, q: torch.Tensor) -> dict[str, list[triton.Config]]:
+    """kernel -> the configs its pruner keeps for this case: what the autotuner benchmarks, in the order of the
+    head dim's list (the first is the deterministic mode's fixed config)."""
+    args = {"HEAD_DIM": case.head_dim, "Q": q, "L_BUCKET": triton.next_power_of_2(case.seq_len)}
+    return {kernel: getattr(paa_module, prune)(getattr(paa_module, configs), args)
+            for kernel, (_, prune, configs) in _TUNED_KERNELS.items()}
+
+
+def _forced_rounds(case: Case, q: torch.Tensor) -> list[dict[str, triton.Config]]:
+    """Rounds of one config per kernel such that every kept config of every kernel runs in some round."""
+    kept = kept_configs(case, q)
+    rounds = max(len(configs) for configs in kept.values())
+    return [{kernel: configs[min(i, len(configs) - 1)] for kernel, configs in kept.items()} for i in range(rounds)]
+
+
+@contextlib.contextmanager
+def _forced(monkeypatch: pytest.MonkeyPatch, head_dim: int, configs: dict[str, triton.Config]):
+    """Within the block every op call launches exactly ``configs`` (the deterministic mode launches the first config
+    of the head dim's list, here the only one)."""
+    with monkeypatch.context() as patch:
+        for kernel, config in configs.items():
+            patch.setitem(getattr(paa_module, _TUNED_KERNELS[kernel][0]), head_dim, [config])
+        use_deterministic_kernels(True)
+        try:
+            yield
+        finally:
+            use_deterministic_kernels(False)
+
+
+def _config_names(configs: dict[str, triton.Config]) -> str:
+    return ", ".join(f"{kernel} {paa_module._key(c)}" for kernel, c in configs.items())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
-def test_matches_reference_gpu(case):
-    # The floor only matters for ~0 values (dq at L = 1).
-    _check_against_reference(case, "cuda", floor=1e-5, hf_layout=True)
-
-
-def _kept_configs(case: Case, q: torch.Tensor) -> dict[str, list]:
-    """kernel dict name -> the configs its pruner keeps for this case (what the autotuner would benchmark)."""
-    args = {"HEAD_DIM": case.head_dim, "Q": q, "L_BUCKET": triton.next_power_of_2(case.seq_len)}
-    return {
-        "_FWD_BY_D": paa_module._FWD_PRUNE(paa_module._FWD_CONFIGS, args),
-        "_DKDV_BY_D": paa_module._DKDV_PRUNE(paa_module._DKDV_CONFIGS, args),
-        "_DQ_BY_D": paa_module._DQ_PRUNE(paa_module._DQ_CONFIGS, args),
-    }
-
-
-FORCED_CASES = [c for c in GPU_CASES if c.head_dim in (64, 128) and c.seq_len in (94, 1024)]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", FORCED_CASES, ids=lambda c: c.id)
-def test_every_config_gpu(case, monkeypatch):
-    """Every config the pruner keeps, forced in turn (deterministic mode launches the first config of the head
-    dim's list, which is made the one under test): not only the config the autotuner happens to pick."""
-    inputs = _make_inputs(case, "cuda")
-    inputs = (*(_hf_layout(t) for t in inputs[:3]), *inputs[3:6], _hf_layout(inputs[6]))
+def test_every_config_matches_reference_gpu(case, monkeypatch):
+    """Every config the pruner keeps for the case, forced in turn (not only the one the autotuner happens to pick),
+    against the references: the tolerance rule, zero padded rows, finite (written) outputs."""
+    inputs = hf_inputs(case)
     references = _references(case, inputs)
-    kept = _kept_configs(case, inputs[0])
-    use_deterministic_kernels(True)
-    try:
-        for i in range(max(len(configs) for configs in kept.values())):
-            for table, configs in kept.items():
-                monkeypatch.setitem(getattr(paa_module, table), case.head_dim, [configs[min(i, len(configs) - 1)]])
-            _assert_matches(case, inputs, _kernel_result(case, inputs), references, floor=1e-5)
-    finally:
-        use_deterministic_kernels(False)
+    for configs in _forced_rounds(case, inputs[0]):
+        with _forced(monkeypatch, case.head_dim, configs):
+            result = _kernel_result(case, inputs)
+        try:
+            # The floor only matters for ~0 values (dq at L = 1).
+            _assert_matches(case, inputs, result, references, floor=1e-5)
+        except AssertionError as err:
+            raise AssertionError(f"configs {_config_names(configs)}: {err}") from err
+
+
+AUTOTUNED_CASES = [c for c in GPU_CASES if c.head_dim in (16, 128) and c.seq_len in (17, 1024)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_deterministic_is_bitwise_reproducible_gpu(head_dim):
-    """deterministic=True: the output and every gradient are the same bits on every run, also from copies of the
-    inputs at other addresses; the autotuned path meanwhile may have picked any config."""
-    case = Case(4, *MODEL_HEADS, 1024, head_dim, True, "right", torch.bfloat16, torch.int32)
-    inputs = _make_inputs(case, "cuda")
+@pytest.mark.parametrize("case", AUTOTUNED_CASES, ids=lambda c: c.id)
+def test_autotuned_matches_reference_gpu(case):
+    """The autotuner's own path (benchmark the kept configs, launch the fastest), short and long prompts."""
+    inputs = hf_inputs(case)
+    _assert_matches(case, inputs, _kernel_result(case, inputs), _references(case, inputs), floor=1e-5)
+
+
+DETERMINISM_CASES = [c for c in GPU_CASES if c.head_dim in (64, 128) and c.seq_len == 1024]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", DETERMINISM_CASES, ids=lambda c: c.id)
+def test_deterministic_is_bitwise_reproducible_gpu(case):
+    """deterministic=True: the output and every gradient are the same bits on every run, from copies of the inputs
+    at other addresses too, whatever the autotuner picked before; and they are the bits of the first kept config."""
+    inputs = hf_inputs(case)
     _kernel_result(case, inputs)  # autotune first: the fixed config must not depend on the tuner's state
     use_deterministic_kernels(True)
     try:
@@ -416,3 +457,9 @@ def test_deterministic_is_bitwise_reproducible_gpu(head_dim):
         assert torch.equal(out, runs[0][0])
         for name in GRAD_NAMES:
             assert torch.equal(grads[name], runs[0][1][name]), name
+    with pytest.MonkeyPatch.context() as monkeypatch, _forced(monkeypatch, case.head_dim,
+                                                              _forced_rounds(case, inputs[0])[0]):
+        first_out, first_grads = _kernel_result(case, inputs)
+    assert torch.equal(first_out, runs[0][0])
+    for name in GRAD_NAMES:
+        assert torch.equal(first_grads[name], runs[0][1][name]), name

@@ -41,7 +41,7 @@ def _run_python(code: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_workloads_cover_the_configs(config):
-    """The report's attention classes and projection shapes include what each shipped config builds."""
+    """The report's attention classes, projection shapes and prompts include what each shipped config builds."""
     run = load_run_config(config)
     backbone = run.model.backbone
     shape = SHAPES["smollm2-135m" if backbone.gguf_file == "smollm2" else backbone.shape]
@@ -57,6 +57,8 @@ def test_workloads_cover_the_configs(config):
     dims = tuple(widths[m] for m in run.model.modalities)
     assert any(s[1:4] == (dims, run.model.d_expert, shape["hidden_size"]) for s in sm90_report.PROJECTION_SHAPES)
     assert shape["hidden_size"] in sm90_report.PROMPT_HIDDEN
+    split = run.data.split
+    assert any((w, k) == (split["history_len"], split["num_candidates"]) for _, w, k, _ in sm90_report.PROMPT_SHAPES)
 
 
 def test_quick_report_cli():
@@ -98,6 +100,8 @@ _FAILURE_PATHS = """
         "over_smem": fwd128.with_config(8, 4, BLOCK_M=128, BLOCK_N=128),
         "two_warps": fwd64.with_config(2, 2, BLOCK_M=32, BLOCK_N=32),  # wgmma needs a warp group of 4
         "bad_blocks": fwd64.with_config(4, 2, BLOCK_M=64, BLOCK_N=128),  # violates BLOCK_M % BLOCK_N == 0
+        # 128 x 128 fp32 scores and a 128 x 128 accumulator on one warp group: more than 255 registers a thread
+        "spilling": fwd128.with_config(4, 1, BLOCK_M=128, BLOCK_N=128),
     }
     rows = r.build_all(list(cases.values()), str(Path("build/sm90").resolve()), 2)
     status = r.run(list(cases.values())[1:], Path("build/sm90"), 2, None, {})
@@ -149,9 +153,42 @@ def test_failing_builds_make_the_exit_status_1(failure_paths):
     assert failure_paths["status"] == 1
 
 
-def test_spill_in_sixteen_bit_build_fails_and_fp32_spill_does_not():
-    """The spill condition applies to 16-bit builds only (a measured row with its spill count set)."""
-    row = sm90_report.Row("k", "c", "bf16", "w", registers=255, spill_bytes=8, stack_bytes=8, smem_bytes=1024,
-                          wgmma_dots=1)
-    assert any("spills" in f for f in sm90_report.failures([row]))
-    assert sm90_report.failures([sm90_report.Row(**{**row.__dict__, "dtype": "fp32"})]) == []
+def test_spill_in_sixteen_bit_build_fails_and_fp32_spill_does_not(failure_paths):
+    """A real build whose tiles need more than 255 registers spills and fails; the spill condition applies to
+    16-bit builds only (the same measured row labelled fp32 passes)."""
+    row = failure_paths["rows"]["spilling"]
+    assert row["error"] is None and row["registers"] == 255 and row["spill_bytes"] > 0
+    assert any("spills" in f for f in failure_paths["failures"]["spilling"])
+    assert sm90_report.failures([sm90_report.Row(**{**row, "dtype": "fp32"})]) == []
+
+
+_GPU_TESTS_PRECOMPILED = """
+    import json, sys
+    sys.path.insert(0, "tests")
+    import test_assemble_inputs_embeds as prompt
+    import test_item_token_projection as projection
+    import test_position_aware_attention as attention
+    from speeder_rt.kernels import sm90_report as r
+
+    precompiled = {b.key for b in r.collect(r.workloads(quick=False))}
+    with r.capture() as launched:  # every kept config of every autotuned launch: what the GPU tests can run
+        for case in attention.GPU_CASES:
+            attention._kernel_result(case, attention.hf_inputs(case, "cpu"))
+        for case in projection.GPU_CASES:
+            projection._forward_backward(projection.item_token_projection, projection._make_inputs(case, "cpu"))
+        for case in prompt.GPU_CASES:
+            prompt.assemble_inputs_embeds(**prompt._make_inputs(case, "cpu"))
+    missing = sorted({f"{b.kernel} [{b.config}] {b.signature}" for b in launched if b.key not in precompiled})
+    print("RESULT " + json.dumps(dict(launched=len(launched), missing=missing)))
+"""
+
+
+@pytest.mark.slow
+def test_gpu_tests_launch_only_precompiled_builds():
+    """Every specialisation the kernels' gpu-marked tests launch (any config the autotuner or the forced-config
+    tests may run) is one the full report compiles, so after gpu_check.sh's precompile they never compile."""
+    proc = _run_python(_GPU_TESTS_PRECOMPILED)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert result["launched"] > 0 and result["missing"] == [], result["missing"][:5]

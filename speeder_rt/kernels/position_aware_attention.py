@@ -93,17 +93,19 @@ if INTERPRET:
     _DQ_BY_D = {d: [_config(32, 16, 4, 1)] for d in _SUPPORTED_HEAD_DIMS}
     _PREPROCESS_BLOCK_M = 32
 else:
-    # D <= 64: no 16-bit config spills. D = 128: 16-bit dK/dV spills in every config tried but the three listed (8
-    # warps, 16 queries per step); fp32 (TF32) tiles take twice the shared memory, the pruner keeps the smaller ones.
+    # D <= 64: no listed 16-bit config spills (dK/dV's 64 x 64 tile spilled 8-16 B at D = 64, L <= 32: dropped).
+    # D = 128: of 19 dK/dV configs tried, only the two listed (8 warps, 16 queries x 64 keys) are spill-free wgmma
+    # builds under both Triton 3.9 and 3.6 (32-key tiles give mma.sync); fp32 (TF32) tiles take twice the shared
+    # memory, the pruner keeps the smaller ones.
     _FWD_SMALL_D = [_config(128, 64, 8, 3), _config(128, 64, 8, 4), _config(64, 64, 4, 3), _config(64, 64, 4, 4)]
-    _DKDV_SMALL_D = [_config(32, 128, 8, 3), _config(32, 128, 8, 2), _config(16, 128, 8, 3), _config(64, 64, 8, 3)]
+    _DKDV_SMALL_D = [_config(32, 128, 8, 3), _config(32, 128, 8, 2), _config(16, 128, 8, 3)]
     _DQ_SMALL_D = [_config(128, 64, 8, 2), _config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(128, 32, 8, 3)]
     _FWD_BY_D = {16: _FWD_SMALL_D, 32: _FWD_SMALL_D, 64: _FWD_SMALL_D, 128: [
         _config(128, 64, 8, 3), _config(128, 64, 8, 2), _config(64, 64, 4, 3), _config(128, 32, 8, 3),
         _config(64, 32, 4, 3),
     ]}
     _DKDV_BY_D = {16: _DKDV_SMALL_D, 32: _DKDV_SMALL_D, 64: _DKDV_SMALL_D, 128: [
-        _config(16, 128, 8, 2), _config(16, 64, 8, 3), _config(16, 64, 8, 2),
+        _config(16, 64, 8, 2), _config(16, 64, 8, 1),
     ]}
     _DQ_BY_D = {16: _DQ_SMALL_D, 32: _DQ_SMALL_D, 64: _DQ_SMALL_D, 128: [
         _config(128, 64, 8, 2), _config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(128, 32, 8, 3),

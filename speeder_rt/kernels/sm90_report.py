@@ -77,7 +77,11 @@ PROJECTION_SHAPES = (
     ("benchmark_mome", (384, 64, 48), 1024, 896, 480, True, True),
     ("benchmark_mome_table", (384, 64, 48), 1024, 896, 8192, True, False),
 )
-PROMPT_HIDDEN = (64, 576, 896)  # assemble_inputs_embeds: d = the backbone's hidden size
+# assemble_inputs_embeds: (batch, history width, candidates, template sizes (P, Mi, S)) of the scoring prompt
+# (configs/*.yaml: 10 history items, 20 candidates; L = 40) and of a top-k prompt (no candidates; L = 64, a multiple
+# of 16); d = the backbone's hidden size.
+PROMPT_SHAPES = ((64, 10, 20, (4, 2, 3)), (128, 50, 0, (9, 0, 4)))
+PROMPT_HIDDEN = (64, 576, 896)
 BENCHMARK_ATTENTION = ((14, 2), (16, 16))  # benchmarks/benchmark_position_aware_attention.py: heads, no mask
 
 
@@ -144,18 +148,18 @@ def _projection_workload(name: str, dims: Sequence[int], d_e: int, d_h: int, row
     return Workload(f"proj {name} S{rows} {'fwd+bwd' if grad else 'fwd'}", _dtype_name(dtype), run)
 
 
-def _prompt_workload(d: int, dtype: torch.dtype) -> Workload:
+def _prompt_workload(d: int, dtype: torch.dtype, batch: int, width: int, num_candidates: int,
+                     sizes: tuple[int, int, int]) -> Workload:
     def run() -> None:
         from speeder_rt.kernels import assemble_inputs_embeds
 
-        batch, width, num_candidates, sizes = 64, 10, 20, (4, 2, 3)
         table = lambda rows: torch.randn(rows, d).to(dtype)  # noqa: E731
         history = torch.randint(0, 100, (batch, width))
-        assemble_inputs_embeds(table(100), history, torch.full((batch,), width), torch.randint(0, 100, (batch, 20)),
-                               table(50), table(1)[0], torch.arange(sum(sizes) + 1), table(16), sizes,
-                               validate=False)
+        assemble_inputs_embeds(table(100), history, torch.full((batch,), width),
+                               torch.randint(0, 100, (batch, num_candidates)), table(width + 3), table(1)[0],
+                               torch.arange(sum(sizes) + 1), table(16), sizes, validate=False)
 
-    return Workload(f"prompt d{d} B64 W10 K20", _dtype_name(dtype), run)
+    return Workload(f"prompt d{d} B{batch} W{width} K{num_candidates}", _dtype_name(dtype), run)
 
 
 def workloads(quick: bool) -> list[Workload]:
@@ -167,7 +171,7 @@ def workloads(quick: bool) -> list[Workload]:
             _attention_workload(1, MODEL_HEADS, 1024, 128, torch.bfloat16),
             _attention_workload(1, MODEL_HEADS, 94, 64, torch.float32, deterministic=True),
             _projection_workload(*PROJECTION_SHAPES[2], torch.bfloat16),
-            _prompt_workload(896, torch.bfloat16),
+            _prompt_workload(896, torch.bfloat16, *PROMPT_SHAPES[0]),
         ]
     result = []
     for dtype in DTYPES:
@@ -181,7 +185,8 @@ def workloads(quick: bool) -> list[Workload]:
         for shape in PROJECTION_SHAPES:
             result.append(_projection_workload(*shape, dtype))
         for d in PROMPT_HIDDEN:
-            result.append(_prompt_workload(d, dtype))
+            for prompt_shape in PROMPT_SHAPES:
+                result.append(_prompt_workload(d, dtype, *prompt_shape))
     return result
 
 
@@ -493,6 +498,29 @@ def markdown_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(rows: Sequence[Row]) -> str:
+    """Markdown: one line per (kernel, dtype, head dim of attention workloads, config) with the worst figures over
+    its builds (the other shape parameters)."""
+    groups: dict[tuple[str, str, str, str], list[Row]] = {}
+    for r in rows:
+        head_dim = re.search(r" D(\d+)", r.workload)
+        groups.setdefault((r.kernel, r.dtype, head_dim.group(1) if head_dim else "-", r.config), []).append(r)
+    lines = ["| kernel | dtype | D | config | builds | max regs | max spill B | max smem KiB | dots | max SASS | "
+             "max FFMA |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (kernel, dtype, head_dim, config), group in sorted(groups.items(), key=lambda g: (
+            g[0][0], g[0][1], int(g[0][2]) if g[0][2].isdigit() else 0, g[0][3])):
+        built = [r for r in group if r.error is None]
+        head = f"| {kernel} | {dtype} | {head_dim} | {config} | {len(group)} |"
+        if len(built) < len(group):
+            lines.append(f"{head} {len(group) - len(built)} compile errors | | | | | |")
+        if built:
+            dots = "/".join(sorted({r.mma for r in built}))
+            lines.append(f"{head} {max(r.registers for r in built)} | {max(r.spill_bytes for r in built)} | "
+                         f"{max(r.smem_bytes for r in built) / 1024:.1f} | {dots} | "
+                         f"{max(r.sass_instructions for r in built)} | {max(r.ffma for r in built)} |")
+    return "\n".join(lines)
+
+
 def text_table(rows: Sequence[Row]) -> str:
     table = [list(_COLUMNS)] + [_cells(r) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
@@ -510,8 +538,9 @@ def _environment() -> dict:
 
 def write_report(out_dir: Path, rows: Sequence[Row], found: Sequence[str], meta: dict) -> None:
     env = ", ".join(f"{k} {v}" for k, v in meta.items())
-    md = [f"# sm_90a compile report\n\n{env}\n", markdown_table(rows), "",
-          "## Failures\n", *(f"- {f}" for f in found or ["none"])]
+    md = [f"# sm_90a compile report\n\n{env}\n", "## Failures\n", *(f"- {f}" for f in found or ["none"]), "",
+          "## Per kernel, config and dtype (worst over the shapes)\n", summary_table(rows), "",
+          "## Every build\n", markdown_table(rows)]
     _write_atomic(out_dir / "sm90_report.md", "\n".join(md) + "\n")
     payload = dict(meta=meta, failures=list(found), rows=[dataclasses.asdict(r) for r in rows])
     _write_atomic(out_dir / "sm90_report.json", json.dumps(payload, indent=1) + "\n")

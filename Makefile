@@ -67,8 +67,11 @@ cpp: $(VENV)/.ext
 demo: $(VENV)/.base
 	$(PY) -m speeder_rt.demo
 
+# The quick sm_90a compile report (speeder_rt.kernels.sm90_report) builds the kernels for Hopper without a GPU;
+# compiled kernels and analysed rows are cached in build/sm90. Then the tests, the kernels under the interpreter.
 # The serving tests skip in .venv (no PyTriton there) and run in .venv-serve against the real tritonserver.
 test: cpp $(SERVE_VENV)/.ready
+	env -u TRITON_INTERPRET $(PY) -m speeder_rt.kernels.sm90_report --quick --out build/sm90
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 	$(SERVE_PY) -m pytest -q tests/test_serve.py
 

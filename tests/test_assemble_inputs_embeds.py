@@ -1,8 +1,9 @@
 """assemble_inputs_embeds (Triton, one launch) against prompt.py's layout + gather, bit for bit.
 
 On CPU the kernel runs under TRITON_INTERPRET=1 (fp32 / fp16: the interpreter mishandles bf16); the GPU cases
-(``@pytest.mark.gpu``) run B=128, L=50, d=896 in bf16 / fp16. The only arithmetic is one add per history /
-candidate element, so the comparison is exact (``torch.equal``), not a tolerance.
+(``@pytest.mark.gpu``) run the sm90 report's prompts (``sm90_report.PROMPT_SHAPES``) at d=896 in bf16 / fp16 /
+fp32. The only arithmetic is one add per history / candidate element, so the comparison is exact
+(``torch.equal``), not a tolerance.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from speeder_rt.kernels.assemble_inputs_embeds import assemble_inputs_embeds, assemble_inputs_embeds_reference
+from speeder_rt.kernels.sm90_report import PROMPT_SHAPES
 
 aie_module = importlib.import_module("speeder_rt.kernels.assemble_inputs_embeds")
 
@@ -73,10 +75,9 @@ def _random_cases(count: int) -> list[Case]:
 
 
 CPU_CASES = _random_cases(12)
-GPU_CASES = [
-    Case(128, 20, 20, (4, 2, 3), 896, torch.bfloat16, num_items=20000, vocab=151936),  # L = 50
-    Case(128, 30, 0, (9, 0, 10), 896, torch.float16, num_items=20000, vocab=151936),  # top-k, L = 50
-    Case(7, 50, 20, (4, 2, 3), 896, torch.float32, num_items=20000, vocab=151936),
+GPU_CASES = [  # the sm90 report's prompts (scoring, L = 40; top-k, L = 64) at qwen2-0.5b's hidden size and vocabulary
+    Case(batch, width, num_candidates, sizes, 896, dtype, num_items=20000, vocab=151936)
+    for batch, width, num_candidates, sizes in PROMPT_SHAPES for dtype in (torch.bfloat16, torch.float16, torch.float32)
 ]
 
 

@@ -1,11 +1,14 @@
 """item_token_projection (Triton MoME) against its plain PyTorch reference (mome.py's ops).
 
 On CPU the kernels run under TRITON_INTERPRET=1 (fp32 / fp16 only: the interpreter mishandles bf16); the GPU
-cases (``@pytest.mark.gpu``) run the training shape in bf16 / fp16.
+cases (``@pytest.mark.gpu``) run the shapes the sm90 report compiles (the bench config's training batch and the
+projection benchmark's, fp16 features) with bf16 and fp32 parameters, every autotune config forced in turn, and
+the deterministic mode's bitwise reproducibility.
 
-Tolerance rule: for the tokens and every gradient, the kernel's max error against a high-precision reference (fp64
-on CPU, fp32 on GPU) is at most twice the max error of the same reference computed in the parameters' dtype, plus
-a small floor. The high-precision reference sees the features rounded to the parameters' dtype, as mome.py does
+Tolerance rule: for the tokens and every gradient, the kernel's max error against an fp64 reference is at most
+twice the max error of the same reference computed in the parameters' dtype, plus a small floor. fp32 parameters
+multiply in TF32 on the GPU, so there the low-precision reference is the fp32 one with TF32 matmuls. The
+high-precision reference sees the features rounded to the parameters' dtype, as mome.py does
 (``features.to(fc1.weight.dtype)``), so it evaluates exactly the function the low-precision module defines.
 """
 
@@ -26,6 +29,8 @@ from speeder_rt.kernels.item_token_projection import (
     item_token_projection_reference,
     mome_parameters,
 )
+from speeder_rt.kernels.determinism import use_deterministic_kernels
+from speeder_rt.kernels.sm90_report import PROJECTION_SHAPES
 from speeder_rt.model.mome import MixtureOfModalityExperts
 
 itp_module = importlib.import_module("speeder_rt.kernels.item_token_projection")
@@ -80,10 +85,10 @@ def _cpu_cases() -> list[Case]:
 
 
 CPU_CASES = _cpu_cases()
-GPU_CASES = [
-    Case(16 * 30, (384, 64, 48), 1024, 896, torch.float16, torch.bfloat16, True, num_items=5000),
-    Case(16 * 30, (384, 64, 48), 1024, 896, torch.float32, torch.float16, True, num_items=5000),
-    Case(333, (384, 64), 1024, 896, torch.float16, torch.bfloat16, False, num_items=5000),
+GPU_CASES = [  # sm90_report.PROJECTION_SHAPES' bench_qwen2_0p5b and benchmark_mome, fp16 features (ItemTable's)
+    Case(480, dims, d_e, d_h, torch.float16, param_dtype, extra, num_items=960)
+    for name, dims, d_e, d_h, rows, extra, grad in PROJECTION_SHAPES if name in ("bench_qwen2_0p5b", "benchmark_mome")
+    for param_dtype in (torch.bfloat16, torch.float32)
 ]
 
 
@@ -169,13 +174,22 @@ def _assert_tolerance_rule(name: str, kernel, low_ref, high_ref, floor: float) -
     assert kernel_err <= bound, f"{name}: kernel error {kernel_err:.3e} > {bound:.3e} (reference error {ref_err:.3e})"
 
 
-def _check_against_reference(case: Case, device, high_dtype: torch.dtype, floor: float) -> None:
-    inp = _make_inputs(case, device)
-    out, grads = _forward_backward(item_token_projection, inp)
-    low_out, low_grads = _forward_backward(item_token_projection_reference, inp)
+def _references(case: Case, inp: Inputs) -> tuple:
+    """(low-precision, fp64) references: the low one in the parameters' dtype (with TF32 matmuls for fp32 on a GPU,
+    as the kernels' fp32 dots are there)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = inp.ids.is_cuda and case.param_dtype == torch.float32
+    try:
+        low = _forward_backward(item_token_projection_reference, inp)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
     rounded = [f.to(case.param_dtype) for f in inp.features]  # what mome.py feeds its LayerNorm
-    high_out, high_grads = _forward_backward(item_token_projection_reference, inp, high_dtype, features=rounded)
+    return low, _forward_backward(item_token_projection_reference, inp, torch.float64, features=rounded)
 
+
+def _assert_matches(case: Case, inp: Inputs, result, references, floor: float) -> None:
+    out, grads = result
+    (low_out, low_grads), (high_out, high_grads) = references
     assert out.dtype == case.param_dtype and out.shape == (case.seq, case.d_h)
     assert set(grads) == set(high_grads)
     _assert_tolerance_rule("tokens", out, low_out, high_out, floor)
@@ -190,10 +204,15 @@ def _check_against_reference(case: Case, device, high_dtype: torch.dtype, floor:
     assert (out[no_active] == 0).all(), "rows without an active modality (and no extra row) must be zero"
 
 
+def _check_against_reference(case: Case, device, floor: float) -> None:
+    inp = _make_inputs(case, device)
+    _assert_matches(case, inp, _forward_backward(item_token_projection, inp), _references(case, inp), floor)
+
+
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
 def test_matches_reference(case):
     # The floor covers fp32 summation-order noise on values that are ~0 in both references.
-    _check_against_reference(case, "cpu", torch.float64, floor=1e-5)
+    _check_against_reference(case, "cpu", floor=1e-5)
 
 
 def test_reference_is_mome_module():
@@ -324,7 +343,7 @@ def test_misuse_raises_value_error(kind, monkeypatch):
     def no_launch(*args, **kwargs):
         raise AssertionError("validation must happen before any launch")
 
-    monkeypatch.setattr(itp_module._ItemTokenProjection, "apply", no_launch)
+    monkeypatch.setattr(itp_module, "_forward_op", no_launch)
     args = _valid_args()
     overrides, pattern = MISUSE[kind]
     if callable(overrides):
@@ -336,4 +355,111 @@ def test_misuse_raises_value_error(kind, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
 def test_matches_reference_gpu(case):
-    _check_against_reference(case, "cuda", torch.float32, floor=1e-4)
+    _check_against_reference(case, "cuda", floor=1e-4)
+
+
+_CONFIG_LISTS = ("_NORM_UP_CONFIGS", "_DOWN_CONFIGS", "_DH_CONFIGS", "_DZ_CONFIGS")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+def test_every_config_gpu(case, monkeypatch):
+    """Every config of every kernel forced in turn (the deterministic mode launches the first of each list)."""
+    inp = _make_inputs(case, "cuda")
+    references = _references(case, inp)
+    lists = {name: list(getattr(itp_module, name)) for name in _CONFIG_LISTS}
+    use_deterministic_kernels(True)
+    try:
+        for i in range(max(len(configs) for configs in lists.values())):
+            for name, configs in lists.items():
+                monkeypatch.setattr(itp_module, name, [configs[min(i, len(configs) - 1)]])
+            _assert_matches(case, inp, _forward_backward(item_token_projection, inp), references, floor=1e-4)
+    finally:
+        use_deterministic_kernels(False)
+
+
+@pytest.mark.gpu
+def test_deterministic_is_bitwise_reproducible_gpu():
+    """deterministic=True: tokens and every gradient (the extra table's, with its repeated rows, included) are the
+    same bits run after run."""
+    case = next(c for c in GPU_CASES if c.extra and c.param_dtype == torch.bfloat16)
+    inp = _make_inputs(case, "cuda")
+    use_deterministic_kernels(True)
+    try:
+        runs = [_forward_backward(item_token_projection, inp) for _ in range(3)]
+    finally:
+        use_deterministic_kernels(False)
+    for out, grads in runs[1:]:
+        assert torch.equal(out, runs[0][0])
+        for name in grads:
+            assert torch.equal(grads[name], runs[0][1][name]), name
+
+
+def _row_strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a view into a wider buffer whose extra columns are NaN (a row stride > the width); 1-D
+    tensors become every other element of a NaN-interleaved buffer. Reading past the view shows up as NaN."""
+    if t.dim() == 1:
+        wide = torch.full((2 * t.shape[0],), float("nan"), dtype=t.dtype)
+        wide[::2] = t
+        return wide[::2]
+    wide = torch.full((t.shape[0], t.shape[1] + 13), float("nan"), dtype=t.dtype)
+    wide[:, : t.shape[1]] = t
+    return wide[:, : t.shape[1]]
+
+
+def _transposed_sliced(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a slice of a transposed buffer (unit row stride, non-unit last stride)."""
+    if t.dim() == 1:
+        return _row_strided(t)
+    buffer = torch.full((t.shape[1] + 5, t.shape[0] + 3), float("nan"), dtype=t.dtype)
+    buffer[: t.shape[1], : t.shape[0]] = t.t()
+    return buffer.t()[: t.shape[0], : t.shape[1]]
+
+
+@pytest.mark.parametrize("make_view", [_row_strided, _transposed_sliced], ids=["row_strided", "transposed_sliced"])
+def test_strided_weights_are_exact(make_view):
+    """Every parameter (and the extra table) passed as a strided view gives the same tokens and gradients, bit for
+    bit, as its contiguous copy."""
+    case = Case(33, (24, 40, 20), 48, 40, torch.float32, torch.float32, True)
+    inp = _make_inputs(case, "cpu")
+    expected, expected_grads = _forward_backward(item_token_projection, inp)
+
+    views = {}
+
+    def view_leaf(name, t):
+        views[name] = make_view(t.detach()).requires_grad_()
+        assert not views[name].is_contiguous(), name
+        return views[name]
+
+    experts = [ExpertParams(*(view_leaf(f"{field}[{m}]", t) for field, t in zip(PARAM_NAMES, e)))
+               for m, e in enumerate(inp.experts)]
+    gate_w, gate_b = view_leaf("gate_w", inp.gate_w), view_leaf("gate_b", inp.gate_b)
+    extra_table = view_leaf("extra_table", inp.extra_table)
+    out = item_token_projection(inp.ids, inp.features, inp.active, experts, gate_w, gate_b, extra_table, inp.extra_idx)
+    grads = torch.autograd.grad(out, list(views.values()), inp.grad_out)
+    assert torch.equal(out, expected)
+    for name, grad in zip(views, grads):
+        assert torch.equal(grad, expected_grads[name]), name
+
+
+def test_model_parameter_views_are_exact():
+    """The MoME module's own parameters, re-seated as row-strided views (as a parameter sliced out of a larger
+    one is), through mome_parameters: tokens and every parameter's .grad match the contiguous module exactly."""
+    torch.manual_seed(5)
+    dims = {"text": 24, "collab": 40, "image": 20}
+    reference = MixtureOfModalityExperts(dims, d_expert=48, d_hidden=40)
+    for p in reference.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    strided = MixtureOfModalityExperts(dims, d_expert=48, d_hidden=40)
+    for name, p_ref in reference.named_parameters():
+        module_name, _, attr = name.rpartition(".")
+        setattr(strided.get_submodule(module_name), attr, torch.nn.Parameter(_row_strided(p_ref.detach())))
+    assert any(p.stride(0) != p.shape[-1] for p in strided.parameters() if p.dim() == 2)
+    inp = _make_inputs(Case(33, tuple(dims.values()), 48, 40, torch.float32, torch.float32, False), "cpu")
+    tokens = {}
+    for name, module in (("reference", reference), ("strided", strided)):
+        tokens[name] = item_token_projection(inp.ids, inp.features, inp.active, *mome_parameters(module))
+        tokens[name].backward(inp.grad_out)
+    assert torch.equal(tokens["strided"], tokens["reference"])
+    for (name, p_ref), p_strided in zip(reference.named_parameters(), strided.parameters()):
+        assert torch.equal(p_strided.grad, p_ref.grad), name

@@ -1,15 +1,21 @@
 """position_aware_attention (Triton, FA2-style) against its plain PyTorch reference.
 
-On CPU the kernels run under TRITON_INTERPRET=1 (fp32 / fp16 only: the interpreter mishandles bf16); the GPU
-cases (``@pytest.mark.gpu``) repeat the matrix at real sizes in bf16 / fp16.
+On CPU the kernels run under TRITON_INTERPRET=1 (fp32 / fp16 only: the interpreter mishandles bf16; its dots are
+exact fp32). The GPU cases (``@pytest.mark.gpu``) run the model's specialisations, the ones the sm90 report
+compiles (``speeder_rt.kernels.sm90_report``: D in 16..128, L in 1 / 17 / 64 / 94 / 1024, GQA 14 / 2, causal,
+right padding, int32 item indices, HF's transposed [B, L, H, D] layout) in bf16 and fp32, every autotune config
+forced in turn, and the deterministic mode's bitwise reproducibility.
 
-Tolerance rule (flash-attention's tests): for the output and every gradient, the kernel's max error against a
-high-precision reference (fp64 on CPU, fp32 on GPU) is at most twice the max error of the same reference computed
-in the input precision, plus a small floor for values that are ~0 in both.
+Tolerance rule (flash-attention's tests): for the output and every gradient, the kernel's max error against an
+fp64 reference is at most twice the max error of the same reference computed in the input precision, plus a small
+floor for values that are ~0 in both. fp32 inputs multiply in TF32 on the GPU (10-bit mantissa, fp32
+accumulation), so there "the input precision" is the fp32 reference with TF32 matmuls
+(``torch.backends.cuda.matmul.allow_tf32``): the kernel may be at most twice as far from fp64 as that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import math
@@ -19,8 +25,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import triton
 
-from speeder_rt.kernels import position_aware_attention, position_aware_attention_reference
+from speeder_rt.kernels import (
+    position_aware_attention,
+    position_aware_attention_reference,
+    use_deterministic_kernels,
+)
+from speeder_rt.kernels.sm90_report import ATTENTION_SEQ_LENS, HEAD_DIMS, MODEL_HEADS
 
 # The package re-exports the function under the module's name, so fetch the module itself explicitly.
 paa_module = importlib.import_module("speeder_rt.kernels.position_aware_attention")
@@ -86,19 +98,12 @@ def _cpu_cases() -> list[Case]:
 
 
 def _gpu_cases() -> list[Case]:
-    """Real sizes in bf16 / fp16. Kept to six cases that share kernel specialisations, since the first run of each
-    (dtype, D, causal, mask, L % 16) combination compiles and autotunes every config."""
-    shapes = [  # (L, (Hq, Hkv), D, causal, padding, dtype)
-        (128, (14, 2), 64, True, "none", torch.bfloat16),
-        (128, (16, 16), 128, False, "left", torch.float16),
-        (1000, (14, 2), 128, True, "all_pad_row", torch.bfloat16),
-        (2048, (16, 16), 64, True, "scattered", torch.float16),
-        (4096, (14, 2), 128, True, "right", torch.bfloat16),
-        (4096, (16, 16), 64, True, "none", torch.bfloat16),
-    ]
+    """Every (D, L) of the sm90 report's attention workloads, bf16 and fp32, at its GQA heads; right padding (as
+    prompts are padded), int32 indices."""
+    q_heads, kv_heads = MODEL_HEADS
     return [
-        Case(2, hq, hkv, seq_len, head_dim, causal, padding, dtype)
-        for seq_len, (hq, hkv), head_dim, causal, padding, dtype in shapes
+        Case(2, q_heads, kv_heads, seq_len, head_dim, True, "right", dtype, torch.int32)
+        for dtype in (torch.bfloat16, torch.float32) for head_dim in HEAD_DIMS for seq_len in ATTENTION_SEQ_LENS
     ]
 
 
@@ -167,22 +172,37 @@ def _assert_tolerance_rule(name: str, kernel, low_ref, high_ref, floor: float) -
     assert kernel_err <= bound, f"{name}: kernel error {kernel_err:.3e} > {bound:.3e} (reference error {ref_err:.3e})"
 
 
-def _check_against_reference(case: Case, device: str, high_dtype: torch.dtype, floor: float) -> None:
-    q, k, v, item_idx, slopes, mask, grad_out = _make_inputs(case, device)
-    out, grads = _forward_backward(position_aware_attention, q, k, v, item_idx, slopes, mask, case.causal, grad_out)
-    low_out, low_grads = _forward_backward(
-        position_aware_attention_reference, q, k, v, item_idx, slopes, mask, case.causal, grad_out, upcast=False
-    )
-    up = [t.to(high_dtype) for t in (q, k, v, slopes, grad_out)]
-    high_out, high_grads = _forward_backward(
-        position_aware_attention_reference, up[0], up[1], up[2], item_idx, up[3], mask, case.causal, up[4]
-    )
+def _hf_layout(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, D] values as the transposed view of a contiguous [B, L, H, D] tensor (what HF's projections give)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
+
+def _references(case: Case, inputs) -> tuple:
+    """(low-precision, fp64) reference outputs and gradients; the low one in the input dtype, or for fp32 on a GPU
+    with TF32 matmuls (the kernels' fp32 dots are TF32 there)."""
+    q, k, v, item_idx, slopes, mask, grad_out = inputs
+    tf32 = q.is_cuda and q.dtype == torch.float32
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        low = _forward_backward(position_aware_attention_reference, q, k, v, item_idx, slopes, mask, case.causal,
+                                grad_out, upcast=tf32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    up = [t.double() for t in (q, k, v, slopes, grad_out)]
+    high = _forward_backward(position_aware_attention_reference, up[0], up[1], up[2], item_idx, up[3], mask,
+                             case.causal, up[4])
+    return low, high
+
+
+def _assert_matches(case: Case, inputs, result, references, floor: float) -> None:
+    q, mask = inputs[0], inputs[5]
+    out, grads = result
+    (low_out, low_grads), (high_out, high_grads) = references
     assert out.dtype == q.dtype and out.shape == q.shape
     _assert_tolerance_rule("out", out, low_out, high_out, floor)
     for name in GRAD_NAMES:
         _assert_tolerance_rule(name, grads[name], low_grads[name], high_grads[name], floor)
-
     if mask is not None:  # padded queries: zero rows, no gradient; padded keys: no dK / dV
         query_pad = ~mask[:, None, :, None]
         assert (out.masked_select(query_pad) == 0).all()
@@ -191,11 +211,21 @@ def _check_against_reference(case: Case, device: str, high_dtype: torch.dtype, f
         assert (grads["dv"].masked_select(query_pad) == 0).all()
 
 
+def _kernel_result(case: Case, inputs):
+    q, k, v, item_idx, slopes, mask, grad_out = inputs
+    return _forward_backward(position_aware_attention, q, k, v, item_idx, slopes, mask, case.causal, grad_out)
+
+
+def _check_against_reference(case: Case, device: str, floor: float) -> None:
+    inputs = _make_inputs(case, device)
+    _assert_matches(case, inputs, _kernel_result(case, inputs), _references(case, inputs), floor)
+
+
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
 def test_matches_reference(case):
     # fp64 is the high-precision reference. The absolute floor covers values that are ~0 in both (e.g. dq at L=1,
     # exactly 0 in the references but fp32 rounding noise in the kernel) and fp32 summation-order noise.
-    _check_against_reference(case, "cpu", torch.float64, floor=1e-5)
+    _check_against_reference(case, "cpu", floor=1e-5)
 
 
 # The dK/dV kernel does not mask padded keys per tile (their rows are zeroed before the store), so the huge k/v
@@ -323,14 +353,113 @@ def test_misuse_raises_value_error(kind, monkeypatch):
     def no_launch(*args, **kwargs):
         raise AssertionError("validation must happen before any launch")
 
-    monkeypatch.setattr(paa_module._PositionAwareAttention, "apply", no_launch)
+    monkeypatch.setattr(paa_module, "_forward_op", no_launch)
     overrides, pattern = MISUSE[kind]
     with pytest.raises(ValueError, match=pattern):
         position_aware_attention(**{**_valid_args(), **overrides})
 
 
+# --------------------------------------------------------------------------------------------------------------
+# GPU. Every case is one of the sm90 report's specialisations, so after gpu_check.sh's precompile these tests load
+# compiled kernels and never wait on the compiler (tests/test_sm90_report.py checks that on CPU).
+# --------------------------------------------------------------------------------------------------------------
+def hf_inputs(case: Case, device: torch.device | str = "cuda"):
+    """Fresh inputs with q, k, v and dO in HF's transposed [B, L, H, D] layout."""
+    q, k, v, item_idx, slopes, mask, grad_out = _make_inputs(case, device)
+    return _hf_layout(q), _hf_layout(k), _hf_layout(v), item_idx, slopes, mask, _hf_layout(grad_out)
+
+
+# kernel -> (the module's per-head-dim config table, its pruner, the autotuner's list)
+_TUNED_KERNELS = {
+    "fwd": ("_FWD_BY_D", "_FWD_PRUNE", "_FWD_CONFIGS"),
+    "dkdv": ("_DKDV_BY_D", "_DKDV_PRUNE", "_DKDV_CONFIGS"),
+    "dq": ("_DQ_BY_D", "_DQ_PRUNE", "_DQ_CONFIGS"),
+}
+
+
+def kept_configs(case: Case, q: torch.Tensor) -> dict[str, list[triton.Config]]:
+    """kernel -> the configs its pruner keeps for this case: what the autotuner benchmarks, in the order of the
+    head dim's list (the first is the deterministic mode's fixed config)."""
+    args = {"HEAD_DIM": case.head_dim, "Q": q, "L_BUCKET": triton.next_power_of_2(case.seq_len)}
+    return {kernel: getattr(paa_module, prune)(getattr(paa_module, configs), args)
+            for kernel, (_, prune, configs) in _TUNED_KERNELS.items()}
+
+
+def _forced_rounds(case: Case, q: torch.Tensor) -> list[dict[str, triton.Config]]:
+    """Rounds of one config per kernel such that every kept config of every kernel runs in some round."""
+    kept = kept_configs(case, q)
+    rounds = max(len(configs) for configs in kept.values())
+    return [{kernel: configs[min(i, len(configs) - 1)] for kernel, configs in kept.items()} for i in range(rounds)]
+
+
+@contextlib.contextmanager
+def _forced(monkeypatch: pytest.MonkeyPatch, head_dim: int, configs: dict[str, triton.Config]):
+    """Within the block every op call launches exactly ``configs`` (the deterministic mode launches the first config
+    of the head dim's list, here the only one)."""
+    with monkeypatch.context() as patch:
+        for kernel, config in configs.items():
+            patch.setitem(getattr(paa_module, _TUNED_KERNELS[kernel][0]), head_dim, [config])
+        use_deterministic_kernels(True)
+        try:
+            yield
+        finally:
+            use_deterministic_kernels(False)
+
+
+def _config_names(configs: dict[str, triton.Config]) -> str:
+    return ", ".join(f"{kernel} {paa_module._key(c)}" for kernel, c in configs.items())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
-def test_matches_reference_gpu(case):
-    # High-precision reference in fp32 (fp64 at L=4096 would need tens of GB); the floor only matters for ~0 values.
-    _check_against_reference(case, "cuda", torch.float32, floor=1e-5)
+def test_every_config_matches_reference_gpu(case, monkeypatch):
+    """Every config the pruner keeps for the case, forced in turn (not only the one the autotuner happens to pick),
+    against the references: the tolerance rule, zero padded rows, finite (written) outputs."""
+    inputs = hf_inputs(case)
+    references = _references(case, inputs)
+    for configs in _forced_rounds(case, inputs[0]):
+        with _forced(monkeypatch, case.head_dim, configs):
+            result = _kernel_result(case, inputs)
+        try:
+            # The floor only matters for ~0 values (dq at L = 1).
+            _assert_matches(case, inputs, result, references, floor=1e-5)
+        except AssertionError as err:
+            raise AssertionError(f"configs {_config_names(configs)}: {err}") from err
+
+
+AUTOTUNED_CASES = [c for c in GPU_CASES if c.head_dim in (16, 128) and c.seq_len in (17, 1024)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", AUTOTUNED_CASES, ids=lambda c: c.id)
+def test_autotuned_matches_reference_gpu(case):
+    """The autotuner's own path (benchmark the kept configs, launch the fastest), short and long prompts."""
+    inputs = hf_inputs(case)
+    _assert_matches(case, inputs, _kernel_result(case, inputs), _references(case, inputs), floor=1e-5)
+
+
+DETERMINISM_CASES = [c for c in GPU_CASES if c.head_dim in (64, 128) and c.seq_len == 1024]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", DETERMINISM_CASES, ids=lambda c: c.id)
+def test_deterministic_is_bitwise_reproducible_gpu(case):
+    """deterministic=True: the output and every gradient are the same bits on every run, from copies of the inputs
+    at other addresses too, whatever the autotuner picked before; and they are the bits of the first kept config."""
+    inputs = hf_inputs(case)
+    _kernel_result(case, inputs)  # autotune first: the fixed config must not depend on the tuner's state
+    use_deterministic_kernels(True)
+    try:
+        runs = [_kernel_result(case, tuple(t if t is None else t.clone() for t in inputs)) for _ in range(3)]
+    finally:
+        use_deterministic_kernels(False)
+    for out, grads in runs[1:]:
+        assert torch.equal(out, runs[0][0])
+        for name in GRAD_NAMES:
+            assert torch.equal(grads[name], runs[0][1][name]), name
+    with pytest.MonkeyPatch.context() as monkeypatch, _forced(monkeypatch, case.head_dim,
+                                                              _forced_rounds(case, inputs[0])[0]):
+        first_out, first_grads = _kernel_result(case, inputs)
+    assert torch.equal(first_out, runs[0][0])
+    for name in GRAD_NAMES:
+        assert torch.equal(first_grads[name], runs[0][1][name]), name

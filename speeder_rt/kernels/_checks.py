@@ -1,4 +1,4 @@
-"""Argument checks shared by the kernels' public functions (run before any launch)."""
+"""Argument checks shared by the kernels' public functions (run before any launch), and the target's limits."""
 from __future__ import annotations
 
 import os
@@ -6,6 +6,8 @@ import os
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Shared memory one block may use on sm_90 (H100 / H200): 227 KiB. Configs are pruned and checked against it.
+SM90_SMEM_LIMIT = 232448
 
 
 def shape(t: torch.Tensor) -> list[int]:

@@ -29,7 +29,8 @@ row *pointers* would defeat Triton's alignment analysis and fall back to 2-byte 
 ``item_idx`` and ``token_mask`` for its positions.
 
 Inference only: no autograd. The outputs never carry a gradient (even if a table requires one); training builds the
-prompt with ``SpeederModel.prompt``.
+prompt with ``SpeederModel.prompt``. Registered as ``torch.ops.speeder_triton.assemble_inputs_embeds`` through
+``torch.library``, so torch.compile / torch.export trace it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import triton
 import triton.language as tl
 
 from speeder_rt.kernels._checks import INTERPRET, check_tensors_on_one_device, shape, unit_last_stride
+from speeder_rt.kernels._library import launch, register_op
 
 __all__ = ["assemble_inputs_embeds", "assemble_inputs_embeds_reference"]
 
@@ -216,21 +218,31 @@ def assemble_inputs_embeds(
     """
     _validate(item_table, history, history_len, candidates, recency, candidate_embedding, template_ids,
               embed_weight, template_sizes, validate)
-    p, mi, suf = (int(s) for s in template_sizes)
+    item_table, recency, embed_weight, history, candidates = (
+        unit_last_stride(t.detach()) for t in (item_table, recency, embed_weight, history, candidates))
+    out, item_idx, mask = _assemble_op(
+        item_table, history, history_len.detach().contiguous(), candidates, recency,
+        candidate_embedding.detach().contiguous(), template_ids.detach().contiguous(), embed_weight,
+        *(int(s) for s in template_sizes))
+    return out, item_idx, mask.view(torch.bool)
+
+
+def _assemble(
+    item_table: torch.Tensor, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor,
+    recency: torch.Tensor, candidate_embedding: torch.Tensor, template_ids: torch.Tensor, embed_weight: torch.Tensor,
+    prefix: int, middle: int, suffix: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs_embeds, item_idx int32, token_mask as uint8) from checked inputs with unit last strides."""
     batch, width = history.shape
     num_candidates = candidates.shape[1]
     d = item_table.shape[1]
-    length = p + width + mi + num_candidates + suf + 1
+    length = prefix + width + middle + num_candidates + suffix + 1
     device = item_table.device
-    item_table, recency, embed_weight = (unit_last_stride(t) for t in (item_table, recency, embed_weight))
-    candidate_embedding = candidate_embedding.contiguous()
     # Empty [B, 0] id tensors may have no storage: give the kernel a real (never read) pointer instead.
-    dummy = None
     if width == 0 or num_candidates == 0:
         dummy = torch.zeros((max(batch, 1), 1), dtype=torch.int64, device=device)
-    history = dummy if width == 0 else unit_last_stride(history)
-    candidates = dummy if num_candidates == 0 else unit_last_stride(candidates)
-    history_len, template_ids = history_len.contiguous(), template_ids.contiguous()
+        history = dummy if width == 0 else history
+        candidates = dummy if num_candidates == 0 else candidates
 
     if DEBUG_POISON_OUTPUTS:
         out = torch.full((batch, length, d), float("nan"), dtype=item_table.dtype, device=device)
@@ -241,19 +253,20 @@ def assemble_inputs_embeds(
         item_idx = torch.empty((batch, length), dtype=torch.int32, device=device)
         mask = torch.empty((batch, length), dtype=torch.uint8, device=device)
     if batch == 0:
-        return out, item_idx, mask.view(torch.bool)
+        return out, item_idx, mask
 
     block_d = min(triton.next_power_of_2(d), _MAX_BLOCK_D)
     block_t = max(1, _TILE_BYTES // item_table.element_size() // block_d)
-    grid = (batch, triton.cdiv(length, block_t))
-    _assemble_kernel[grid](
+    launch(_assemble_kernel, (batch, triton.cdiv(length, block_t)), (
         item_table, item_table.stride(0), history, history.stride(0), history_len, candidates,
         candidates.stride(0), recency, recency.stride(0), candidate_embedding, template_ids, embed_weight,
         embed_weight.stride(0), out, out.stride(0), out.stride(1), item_idx, mask,
-        length, num_candidates, d, p, mi, suf,
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_NUM_WARPS,
-    )
-    return out, item_idx, mask.view(torch.bool)
+        length, num_candidates, d, prefix, middle, suffix,
+    ), dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_NUM_WARPS))
+    return out, item_idx, mask
+
+
+_assemble_op = register_op("assemble_inputs_embeds", _assemble)
 
 
 def assemble_inputs_embeds_reference(

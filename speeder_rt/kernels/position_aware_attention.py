@@ -21,6 +21,12 @@ base-2 logit). The bias is recomputed in registers from the two index vectors in
 Backward (``dS = P o (dP - delta)`` with ``dP = dO V^T`` and ``delta = rowsum(dO o O)``):
 
     dV = P^T dO,    dK = scale * dS^T Q,    dQ = scale * dS K,    dslopes[h] = -sum_{b,i,j} dS * log2(1 + |di|)
+
+On sm90 the bias's log2 is one MUFU.LG2 per score (``lg2.approx``), fp32 inputs multiply in TF32, and every 16-bit
+config in the autotune lists compiles to wgmma without spills (``python -m speeder_rt.kernels.sm90_report``).
+Registered as ``torch.ops.speeder_triton.position_aware_attention`` (+ ``_backward``) through ``torch.library``.
+Offsets within one (batch, head) slice are 32-bit: L x (row stride) must stay below 2^31 (L * H * D for HF's
+layout, ~1M tokens at H * D = 2048); batch and head offsets are 64-bit.
 """
 
 from __future__ import annotations
@@ -30,8 +36,17 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from speeder_rt.kernels._checks import INTERPRET, check_tensors_on_one_device, shape, unit_last_stride
+from speeder_rt.kernels._checks import (
+    INTERPRET,
+    SM90_SMEM_LIMIT,
+    check_tensors_on_one_device,
+    shape,
+    unit_last_stride,
+)
+from speeder_rt.kernels._library import launch, register_op
+from speeder_rt.kernels.determinism import deterministic_kernels
 
 __all__ = ["position_aware_attention", "position_aware_attention_reference"]
 
@@ -41,61 +56,112 @@ DEBUG_POISON_OUTPUTS = False
 
 _LOG2E = math.log2(math.e)
 _LOG2E_TL: tl.constexpr = tl.constexpr(_LOG2E)  # the same value, readable inside the kernels
+# fp32 inputs multiply on the tensor cores in TF32 (10-bit mantissa, fp32 accumulation): IEEE fp32 dots have no
+# MMA instruction and compile to FMA loops that spill (sm90 report); 16-bit inputs ignore the setting.
+_TF32: tl.constexpr = tl.constexpr("tf32")
+_FAST_LOG2: tl.constexpr = tl.constexpr(not INTERPRET)  # the interpreter has no libdevice
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _INDEX_DTYPES = (torch.int32, torch.int64)
+_SMEM_BUDGET = SM90_SMEM_LIMIT - 4096  # a margin for the estimate below
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Autotuning. The sm90 lists were picked from ptxas resource usage of bf16 builds at D = 64 and 128: configs that
-# spill heavily (BLOCK_M = 128 with 4 warps, 128x128 tiles, dK/dV with 64 queries x 128 keys) are left out. The
-# CPU interpreter gets one small config with BLOCK_M != BLOCK_N so the diagonal / off-diagonal / tail split of every
+# Autotuning. Per head dim, the configs the autotuner benchmarks, in order of preference: the first one the pruner
+# keeps is also the deterministic mode's fixed config. Chosen from the sm90 report (python -m
+# speeder_rt.kernels.sm90_report; docs/kernels_sm90.md): no spill in 16-bit builds, wgmma everywhere. The CPU
+# interpreter gets one small config with BLOCK_M != BLOCK_N so the diagonal / off-diagonal / tail split of every
 # kernel is exercised by the CPU tests.
 # --------------------------------------------------------------------------------------------------------------
 def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
+def _key(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _union(by_head_dim: dict[int, list[triton.Config]]) -> list[triton.Config]:
+    """Every config of any head dim once (the autotuner's list; the pruner picks the head dim's own)."""
+    return list({_key(c): c for configs in by_head_dim.values() for c in configs}.values())
+
+
 # Query-major kernels (forward, dQ) need BLOCK_M % BLOCK_N == 0; the key-major dK/dV kernel BLOCK_N % BLOCK_M == 0.
 if INTERPRET:
-    _FWD_CONFIGS = [_config(32, 16, 4, 1)]
-    _DKDV_CONFIGS = [_config(16, 32, 4, 1)]
-    _DQ_CONFIGS = [_config(32, 16, 4, 1)]
+    _FWD_BY_D = {d: [_config(32, 16, 4, 1)] for d in _SUPPORTED_HEAD_DIMS}
+    _DKDV_BY_D = {d: [_config(16, 32, 4, 1)] for d in _SUPPORTED_HEAD_DIMS}
+    _DQ_BY_D = {d: [_config(32, 16, 4, 1)] for d in _SUPPORTED_HEAD_DIMS}
     _PREPROCESS_BLOCK_M = 32
 else:
-    _FWD_CONFIGS = [
-        _config(128, 64, 8, 3),
-        _config(128, 64, 8, 4),
-        _config(64, 64, 4, 3),
-        _config(64, 64, 4, 4),
-    ]
-    _DKDV_CONFIGS = [
-        _config(32, 128, 8, 3),
-        _config(32, 128, 8, 2),
-        _config(16, 128, 8, 3),
-        _config(64, 64, 8, 3),
-    ]
-    _DQ_CONFIGS = [
-        _config(128, 64, 8, 2),
-        _config(128, 64, 8, 3),
-        _config(64, 64, 4, 3),
-        _config(128, 32, 8, 3),
-    ]
+    # D <= 64: no listed 16-bit config spills (dK/dV's 64 x 64 tile spilled 8-16 B at D = 64, L <= 32: dropped).
+    # D = 128: of 19 dK/dV configs tried, only the two listed (8 warps, 16 queries x 64 keys) are spill-free wgmma
+    # builds under both Triton 3.9 and 3.6 (32-key tiles give mma.sync); fp32 (TF32) tiles take twice the shared
+    # memory, the pruner keeps the smaller ones.
+    _FWD_SMALL_D = [_config(128, 64, 8, 3), _config(128, 64, 8, 4), _config(64, 64, 4, 3), _config(64, 64, 4, 4)]
+    _DKDV_SMALL_D = [_config(32, 128, 8, 3), _config(32, 128, 8, 2), _config(16, 128, 8, 3)]
+    _DQ_SMALL_D = [_config(128, 64, 8, 2), _config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(128, 32, 8, 3)]
+    _FWD_BY_D = {16: _FWD_SMALL_D, 32: _FWD_SMALL_D, 64: _FWD_SMALL_D, 128: [
+        _config(128, 64, 8, 3), _config(128, 64, 8, 2), _config(64, 64, 4, 3), _config(128, 32, 8, 3),
+        _config(64, 32, 4, 3),
+    ]}
+    _DKDV_BY_D = {16: _DKDV_SMALL_D, 32: _DKDV_SMALL_D, 64: _DKDV_SMALL_D, 128: [
+        _config(16, 64, 8, 2), _config(16, 64, 8, 1),
+    ]}
+    _DQ_BY_D = {16: _DQ_SMALL_D, 32: _DQ_SMALL_D, 64: _DQ_SMALL_D, 128: [
+        _config(128, 64, 8, 2), _config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(128, 32, 8, 3),
+        _config(64, 64, 4, 2), _config(128, 32, 8, 2),
+    ]}
     _PREPROCESS_BLOCK_M = 128
 
+_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS = _union(_FWD_BY_D), _union(_DKDV_BY_D), _union(_DQ_BY_D)
 # The dslopes partial-sum buffer is sized before the autotuner picks BLOCK_M, so for the smallest one.
 _MIN_DQ_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _DQ_CONFIGS)
-_AUTOTUNE_KEY = ["L_BUCKET", "HEAD_DIM", "CAUSAL"]
+# Tuned per sequence-length bucket, batch x heads bucket (the grid's second axis), GQA group, head dim, causality
+# and mask; Triton adds the tensors' dtypes.
+_AUTOTUNE_KEY = ["L_BUCKET", "BH_BUCKET", "group", "HEAD_DIM", "CAUSAL", "HAS_MASK"]
+_UNSPECIALISED = ["L_BUCKET", "BH_BUCKET"]  # autotune keys only: no kernel specialisation of their own
 
 
-def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Short sequences (L <= 64) only try the 64x64 tiles: a 128-row tile would be mostly padding."""
-    seq_bucket = {**named_args, **kwargs}["L_BUCKET"]
-    kept = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(seq_bucket, 64)]
-    return kept or configs[-1:]
+def smem_estimate(kernel: str, config: triton.Config, head_dim: int, element_size: int) -> int:
+    """Shared memory (bytes) of an attention kernel's config: the tiles that stay resident for the whole program
+    plus ``num_stages`` copies of the tiles streamed through its loop, each ``rows x head_dim`` elements (forward:
+    Q resident, K and V streamed; dK/dV: K, V resident, Q and dO streamed; dQ: Q, dO resident, K and V streamed).
+    Within 2 KiB of what Triton allocates on sm90 for 16-bit tiles (checked by the sm90 report's tests; the budget
+    keeps a 4 KiB margin); fp32 (TF32) builds allocate up to ~25% less than estimated."""
+    block_m, block_n, _, stages = _key(config)
+    resident, streamed = {"fwd": (block_m, 2 * block_n), "dkdv": (2 * block_n, 2 * block_m),
+                          "dq": (2 * block_m, 2 * block_n)}[kernel]
+    return (resident + stages * streamed) * head_dim * element_size
 
 
-_PRUNE = {"early_config_prune": _prune_configs}
+def _pruner(kernel: str, by_head_dim: dict[int, list[triton.Config]]):
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        """The head dim's configs that fit in shared memory for the inputs' dtype; short sequences (L <= 64) only
+        the 64-wide tiles (a 128-row tile would be mostly padding). Never empty: the smallest fitting config is
+        kept when no other is."""
+        args = {**named_args, **kwargs}
+        head_dim, element_size = args["HEAD_DIM"], args["Q"].element_size()
+        available = {_key(c): c for c in configs}
+        own = [available[_key(c)] for c in by_head_dim[head_dim] if _key(c) in available]
+        fitting = [c for c in own if smem_estimate(kernel, c, head_dim, element_size) <= _SMEM_BUDGET] or own[-1:]
+        short = [c for c in fitting if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(args["L_BUCKET"], 64)]
+        return short or fitting[-1:]
+
+    return prune
+
+
+_FWD_PRUNE, _DKDV_PRUNE, _DQ_PRUNE = _pruner("fwd", _FWD_BY_D), _pruner("dkdv", _DKDV_BY_D), _pruner("dq", _DQ_BY_D)
+
+
+@triton.jit
+def _log2_1p_distance(idx_a, idx_b):
+    """log2(1 + |idx_a - idx_b|) for broadcast index tiles, in fp32. On the GPU MUFU.LG2 (``lg2.approx``, relative
+    error < 2^-22) replaces the correctly rounded ``log2f`` routine (~100 instructions per score, the largest part
+    of the loops' non-matmul work): 1 + |d| >= 1 is a normal number, and the bias tolerates 1e-7 relative error."""
+    x = tl.abs(idx_a - idx_b).to(tl.float32) + 1.0
+    if _FAST_LOG2:
+        return libdevice.fast_log2f(x)
+    return tl.log2(x)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -111,7 +177,6 @@ def _fwd_key_loop(
     qk_scale, bias_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax update of one query block over the key blocks [lo, hi), in base 2.
 
@@ -135,8 +200,8 @@ def _fwd_key_loop(
             k = tl.load(k_ptrs)
             idx_k = tl.load(idx_base + offs_n * stride_il)
 
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        log_dist = tl.log2(tl.abs(idx_q[:, None] - idx_k[None, :]).to(tl.float32) + 1.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=_TF32)
+        log_dist = _log2_1p_distance(idx_q[:, None], idx_k[None, :])
         s = qk * qk_scale - bias_scale * log_dist
         if CAUSAL_MASK:  # for rows < seq_len, j <= i also implies j < seq_len
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
@@ -158,13 +223,13 @@ def _fwd_key_loop(
             v = tl.load(v_ptrs, mask=key_in[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=_TF32)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
-@triton.jit
+@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _FWD_PRUNE})
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _pa_attn_fwd_kernel(
     Q, K, V, IDX, SLOPES, MASK, OUT, LSE,
     stride_qb, stride_qh, stride_ql,
@@ -173,8 +238,8 @@ def _pa_attn_fwd_kernel(
     stride_ob, stride_oh, stride_ol,
     stride_ib, stride_il,
     stride_mb, stride_ml,
-    num_q_heads, group, seq_len, L_BUCKET, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    num_q_heads, group, seq_len, L_BUCKET, BH_BUCKET, qk_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Forward: one program per (query block, batch * query head).
@@ -215,25 +280,25 @@ def _pa_attn_fwd_kernel(
         acc, l_i, m_i = _fwd_key_loop(
             acc, l_i, m_i, q, idx_q, offs_m, k_base, v_base, idx_base, mask_base,
             stride_kl, stride_vl, stride_il, stride_ml, seq_len, 0, start_m, qk_scale, bias_scale,
-            HEAD_DIM, BLOCK_N, False, False, HAS_MASK, DOT_PRECISION,
+            HEAD_DIM, BLOCK_N, False, False, HAS_MASK,
         )
         acc, l_i, m_i = _fwd_key_loop(
             acc, l_i, m_i, q, idx_q, offs_m, k_base, v_base, idx_base, mask_base,
             stride_kl, stride_vl, stride_il, stride_ml, seq_len, start_m, tl.minimum(start_m + BLOCK_M, seq_len),
             qk_scale, bias_scale,
-            HEAD_DIM, BLOCK_N, True, True, HAS_MASK, DOT_PRECISION,
+            HEAD_DIM, BLOCK_N, True, True, HAS_MASK,
         )
     else:
         full_end = (seq_len // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fwd_key_loop(
             acc, l_i, m_i, q, idx_q, offs_m, k_base, v_base, idx_base, mask_base,
             stride_kl, stride_vl, stride_il, stride_ml, seq_len, 0, full_end, qk_scale, bias_scale,
-            HEAD_DIM, BLOCK_N, False, False, HAS_MASK, DOT_PRECISION,
+            HEAD_DIM, BLOCK_N, False, False, HAS_MASK,
         )
         acc, l_i, m_i = _fwd_key_loop(
             acc, l_i, m_i, q, idx_q, offs_m, k_base, v_base, idx_base, mask_base,
             stride_kl, stride_vl, stride_il, stride_ml, seq_len, full_end, seq_len, qk_scale, bias_scale,
-            HEAD_DIM, BLOCK_N, False, True, HAS_MASK, DOT_PRECISION,
+            HEAD_DIM, BLOCK_N, False, True, HAS_MASK,
         )
 
     keep = l_i > 0.0  # l >= 1 whenever the row has an allowed key
@@ -285,7 +350,6 @@ def _dkdv_query_loop(
     qk_scale, bias_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dK, dV of one key block over the query blocks [lo, hi) of one query head (transposed tiles).
 
@@ -309,8 +373,8 @@ def _dkdv_query_loop(
             idx_q = tl.load(idx_base + offs_m * stride_il)
             lse = tl.load(lse_base + offs_m)
 
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        log_dist_t = tl.log2(tl.abs(idx_k[:, None] - idx_q[None, :]).to(tl.float32) + 1.0)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=_TF32)
+        log_dist_t = _log2_1p_distance(idx_k[:, None], idx_q[None, :])
         p_t = tl.exp2(qk_t * qk_scale - bias_scale * log_dist_t - lse[None, :])
         if CAUSAL_MASK:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
@@ -321,15 +385,15 @@ def _dkdv_query_loop(
         else:
             do = tl.load(do_ptrs)
             delta = tl.load(delta_base + offs_m)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=_TF32)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=_TF32)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=_TF32)
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
-@triton.jit
+@triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _DKDV_PRUNE})
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _pa_attn_bwd_dkdv_kernel(
     Q, K, V, DO, IDX, SLOPES, MASK, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_ql,
@@ -340,8 +404,8 @@ def _pa_attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvl,
     stride_ib, stride_il,
     stride_mb, stride_ml,
-    num_q_heads, num_kv_heads, group, seq_len, L_BUCKET, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    num_q_heads, num_kv_heads, group, seq_len, L_BUCKET, BH_BUCKET, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV: one program per (key block, batch * kv head); it loops over the kv head's ``group`` query heads,
@@ -395,17 +459,17 @@ def _pa_attn_bwd_dkdv_kernel(
                 dk, dv, k, v, idx_k, offs_n, q_base, do_base, idx_base, lse_base, delta_base,
                 stride_ql, stride_dol, stride_il, seq_len, start_n, tl.minimum(start_n + BLOCK_N, seq_len),
                 qk_scale, bias_scale,
-                HEAD_DIM, BLOCK_M, True, True, DOT_PRECISION,
+                HEAD_DIM, BLOCK_M, True, True,
             )
         dk, dv = _dkdv_query_loop(
             dk, dv, k, v, idx_k, offs_n, q_base, do_base, idx_base, lse_base, delta_base,
             stride_ql, stride_dol, stride_il, seq_len, below_diag, full_end, qk_scale, bias_scale,
-            HEAD_DIM, BLOCK_M, False, False, DOT_PRECISION,
+            HEAD_DIM, BLOCK_M, False, False,
         )
         dk, dv = _dkdv_query_loop(
             dk, dv, k, v, idx_k, offs_n, q_base, do_base, idx_base, lse_base, delta_base,
             stride_ql, stride_dol, stride_il, seq_len, tail_start, seq_len, qk_scale, bias_scale,
-            HEAD_DIM, BLOCK_M, False, True, DOT_PRECISION,
+            HEAD_DIM, BLOCK_M, False, True,
         )
 
     dk = dk * scale
@@ -429,7 +493,6 @@ def _dq_key_loop(
     qk_scale, bias_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dQ and the dslopes row sums of one query block over the key blocks [lo, hi).
 
@@ -452,8 +515,8 @@ def _dq_key_loop(
             v = tl.load(v_ptrs)
             idx_k = tl.load(idx_base + offs_n * stride_il)
 
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        log_dist = tl.log2(tl.abs(idx_q[:, None] - idx_k[None, :]).to(tl.float32) + 1.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=_TF32)
+        log_dist = _log2_1p_distance(idx_q[:, None], idx_k[None, :])
         p = tl.exp2(qk * qk_scale - bias_scale * log_dist - lse[:, None])
         if CAUSAL_MASK:
             p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
@@ -466,16 +529,17 @@ def _dq_key_loop(
                 key_ok = tl.load(mask_base + offs_n * stride_ml) != 0
             p = tl.where(key_ok[None, :], p, 0.0)
 
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=_TF32)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=_TF32)
         dslope_rows += tl.sum(ds * log_dist, 1)
     return dq, dslope_rows
 
 
 # Configs with different BLOCK_M write different slots of DSLOPES_PARTIAL: zero it between tuning runs.
-@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE, reset_to_zero=["DSLOPES_PARTIAL"])
-@triton.jit
+@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _DQ_PRUNE},
+                 reset_to_zero=["DSLOPES_PARTIAL"])
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _pa_attn_bwd_dq_kernel(
     Q, K, V, DO, IDX, SLOPES, MASK, LSE, DELTA, DQ, DSLOPES_PARTIAL,
     stride_qb, stride_qh, stride_ql,
@@ -485,8 +549,8 @@ def _pa_attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dql,
     stride_ib, stride_il,
     stride_mb, stride_ml,
-    num_q_heads, group, seq_len, partial_stride, L_BUCKET, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    num_q_heads, group, seq_len, partial_stride, L_BUCKET, BH_BUCKET, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ and dslopes: one program per (query block, batch * query head), key blocks walked as in the forward.
@@ -529,25 +593,25 @@ def _pa_attn_bwd_dq_kernel(
         dq, dslope_rows = _dq_key_loop(
             dq, dslope_rows, q, do, idx_q, lse, delta, offs_m, k_base, v_base, idx_base, mask_base,
             stride_kl, stride_vl, stride_il, stride_ml, seq_len, 0, start_m, qk_scale, bias_scale,
-            HEAD_DIM, BLOCK_N, False, False, HAS_MASK, DOT_PRECISION,
+            HEAD_DIM, BLOCK_N, False, False, HAS_MASK,
         )
         dq, dslope_rows = _dq_key_loop(
             dq, dslope_rows, q, do, idx_q, lse, delta, offs_m, k_base, v_base, idx_base, mask_base,
             stride_kl, stride_vl, stride_il, stride_ml, seq_len, start_m, tl.minimum(start_m + BLOCK_M, seq_len),
             qk_scale, bias_scale,
-            HEAD_DIM, BLOCK_N, True, True, HAS_MASK, DOT_PRECISION,
+            HEAD_DIM, BLOCK_N, True, True, HAS_MASK,
         )
     else:
         full_end = (seq_len // BLOCK_N) * BLOCK_N
         dq, dslope_rows = _dq_key_loop(
             dq, dslope_rows, q, do, idx_q, lse, delta, offs_m, k_base, v_base, idx_base, mask_base,
             stride_kl, stride_vl, stride_il, stride_ml, seq_len, 0, full_end, qk_scale, bias_scale,
-            HEAD_DIM, BLOCK_N, False, False, HAS_MASK, DOT_PRECISION,
+            HEAD_DIM, BLOCK_N, False, False, HAS_MASK,
         )
         dq, dslope_rows = _dq_key_loop(
             dq, dslope_rows, q, do, idx_q, lse, delta, offs_m, k_base, v_base, idx_base, mask_base,
             stride_kl, stride_vl, stride_il, stride_ml, seq_len, full_end, seq_len, qk_scale, bias_scale,
-            HEAD_DIM, BLOCK_N, False, True, HAS_MASK, DOT_PRECISION,
+            HEAD_DIM, BLOCK_N, False, True, HAS_MASK,
         )
 
     tl.store(DQ + off_b * stride_dqb + off_h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dql
@@ -639,82 +703,102 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-class _PositionAwareAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, item_idx, slopes, attention_mask, causal, scale):
-        batch, num_q_heads, seq_len, head_dim = q.shape
-        num_kv_heads = k.shape[1]
-        group = num_q_heads // num_kv_heads
-        slopes32 = slopes.detach().to(torch.float32).contiguous()
-        mask_arg, stride_mb, stride_ml = _mask_args(attention_mask, item_idx)
-        out = _alloc_like(q)
-        lse = _alloc((batch, num_q_heads, seq_len), q.device)
-        dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+def _attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, item_idx: torch.Tensor, slopes: torch.Tensor,
+    attention_mask: torch.Tensor | None, causal: bool, scale: float, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, L, D] in q's layout, lse2 [B, Hq, L] fp32); slopes fp32 [Hq]."""
+    batch, num_q_heads, seq_len, head_dim = q.shape
+    group = num_q_heads // k.shape[1]
+    mask_arg, stride_mb, stride_ml = _mask_args(attention_mask, item_idx)
+    out = _alloc_like(q)
+    lse = _alloc((batch, num_q_heads, seq_len), q.device)
 
-        def grid(meta):
-            return triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads
+    def grid(meta):
+        return triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads
 
-        _pa_attn_fwd_kernel[grid](
-            q, k, v, item_idx, slopes32, mask_arg, out, lse,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
-            item_idx.stride(0), item_idx.stride(1), stride_mb, stride_ml,
-            num_q_heads, group, seq_len, triton.next_power_of_2(seq_len), scale * _LOG2E,
-            HEAD_DIM=head_dim, CAUSAL=causal, HAS_MASK=attention_mask is not None, DOT_PRECISION=dot_precision,
-        )
-        ctx.save_for_backward(q, k, v, out, lse, item_idx, slopes32, attention_mask)
-        ctx.causal, ctx.scale, ctx.dot_precision = causal, scale, dot_precision
-        ctx.slopes_dtype = slopes.dtype
-        return out
+    launch(_pa_attn_fwd_kernel, grid, (
+        q, k, v, item_idx, slopes, mask_arg, out, lse,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
+        item_idx.stride(0), item_idx.stride(1), stride_mb, stride_ml,
+        num_q_heads, group, seq_len, triton.next_power_of_2(seq_len), triton.next_power_of_2(batch * num_q_heads),
+        scale * _LOG2E,
+    ), dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_MASK=attention_mask is not None), _FWD_CONFIGS, _FWD_PRUNE,
+        deterministic)
+    return out, lse
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, item_idx, slopes32, attention_mask = ctx.saved_tensors
-        batch, num_q_heads, seq_len, head_dim = q.shape
-        num_kv_heads = k.shape[1]
-        group = num_q_heads // num_kv_heads
-        causal, scale = ctx.causal, ctx.scale
-        has_mask = attention_mask is not None
-        mask_arg, stride_mb, stride_ml = _mask_args(attention_mask, item_idx)
-        seq_bucket = triton.next_power_of_2(seq_len)
-        grad_out = unit_last_stride(grad_out)
 
-        delta = _alloc((batch, num_q_heads, seq_len), q.device)
-        _pa_attn_bwd_preprocess_kernel[(triton.cdiv(seq_len, _PREPROCESS_BLOCK_M), batch * num_q_heads)](
-            out, grad_out, delta, *_strides3(out), *_strides3(grad_out), num_q_heads, seq_len,
-            HEAD_DIM=head_dim, BLOCK_M=_PREPROCESS_BLOCK_M,
-        )
+def _attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    item_idx: torch.Tensor, slopes: torch.Tensor, attention_mask: torch.Tensor | None, causal: bool, scale: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv in the layouts of q, k, v; dslopes fp32 [Hq])."""
+    batch, num_q_heads, seq_len, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    has_mask = attention_mask is not None
+    mask_arg, stride_mb, stride_ml = _mask_args(attention_mask, item_idx)
+    seq_bucket = triton.next_power_of_2(seq_len)
+    grad_out = unit_last_stride(grad_out)
+    meta = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_MASK=has_mask)
 
-        dk = _alloc_like(k)
-        dv = _alloc_like(v)
+    delta = _alloc((batch, num_q_heads, seq_len), q.device)
+    launch(_pa_attn_bwd_preprocess_kernel, (triton.cdiv(seq_len, _PREPROCESS_BLOCK_M), batch * num_q_heads), (
+        out, grad_out, delta, *_strides3(out), *_strides3(grad_out), num_q_heads, seq_len,
+    ), dict(HEAD_DIM=head_dim, BLOCK_M=_PREPROCESS_BLOCK_M))
 
-        def dkdv_grid(meta):
-            return triton.cdiv(seq_len, meta["BLOCK_N"]), batch * num_kv_heads
+    dk = _alloc_like(k)
+    dv = _alloc_like(v)
 
-        _pa_attn_bwd_dkdv_kernel[dkdv_grid](
-            q, k, v, grad_out, item_idx, slopes32, mask_arg, lse, delta, dk, dv,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dk), *_strides3(dv),
-            item_idx.stride(0), item_idx.stride(1), stride_mb, stride_ml,
-            num_q_heads, num_kv_heads, group, seq_len, seq_bucket, scale * _LOG2E, scale,
-            HEAD_DIM=head_dim, CAUSAL=causal, HAS_MASK=has_mask, DOT_PRECISION=ctx.dot_precision,
-        )
+    def dkdv_grid(meta):
+        return triton.cdiv(seq_len, meta["BLOCK_N"]), batch * num_kv_heads
 
-        dq = _alloc_like(q)
-        # Programs beyond the chosen BLOCK_M's block count leave their (zeroed) slots untouched.
-        num_partials = triton.cdiv(seq_len, _MIN_DQ_BLOCK_M)
-        dslopes_partial = torch.zeros((batch, num_q_heads, num_partials), dtype=torch.float32, device=q.device)
+    launch(_pa_attn_bwd_dkdv_kernel, dkdv_grid, (
+        q, k, v, grad_out, item_idx, slopes, mask_arg, lse, delta, dk, dv,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dk), *_strides3(dv),
+        item_idx.stride(0), item_idx.stride(1), stride_mb, stride_ml,
+        num_q_heads, num_kv_heads, group, seq_len, seq_bucket, triton.next_power_of_2(batch * num_kv_heads),
+        scale * _LOG2E, scale,
+    ), meta, _DKDV_CONFIGS, _DKDV_PRUNE, deterministic)
 
-        def dq_grid(meta):
-            return triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads
+    dq = _alloc_like(q)
+    # Programs beyond the chosen BLOCK_M's block count leave their (zeroed) slots untouched.
+    num_partials = triton.cdiv(seq_len, _MIN_DQ_BLOCK_M)
+    dslopes_partial = torch.zeros((batch, num_q_heads, num_partials), dtype=torch.float32, device=q.device)
 
-        _pa_attn_bwd_dq_kernel[dq_grid](
-            q, k, v, grad_out, item_idx, slopes32, mask_arg, lse, delta, dq, dslopes_partial,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dq),
-            item_idx.stride(0), item_idx.stride(1), stride_mb, stride_ml,
-            num_q_heads, group, seq_len, num_partials, seq_bucket, scale * _LOG2E, scale,
-            HEAD_DIM=head_dim, CAUSAL=causal, HAS_MASK=has_mask, DOT_PRECISION=ctx.dot_precision,
-        )
-        dslopes = dslopes_partial.sum(dim=(0, 2)).to(ctx.slopes_dtype)
-        return dq, dk, dv, None, dslopes, None, None, None
+    def dq_grid(meta):
+        return triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads
+
+    launch(_pa_attn_bwd_dq_kernel, dq_grid, (
+        q, k, v, grad_out, item_idx, slopes, mask_arg, lse, delta, dq, dslopes_partial,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(dq),
+        item_idx.stride(0), item_idx.stride(1), stride_mb, stride_ml,
+        num_q_heads, group, seq_len, num_partials, seq_bucket, triton.next_power_of_2(batch * num_q_heads),
+        scale * _LOG2E, scale,
+    ), meta, _DQ_CONFIGS, _DQ_PRUNE, deterministic)
+    return dq, dk, dv, dslopes_partial.sum(dim=(0, 2))
+
+
+_forward_op = register_op("position_aware_attention", _attention_forward)
+_backward_op = register_op("position_aware_attention_backward", _attention_backward)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, item_idx, slopes, attention_mask, causal, scale, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, item_idx, slopes, attention_mask)
+    ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, item_idx, slopes, attention_mask = ctx.saved_tensors
+    dq, dk, dv, dslopes = _backward_op(grad_out, q, k, v, out, lse, item_idx, slopes, attention_mask, ctx.causal,
+                                       ctx.scale, ctx.deterministic)
+    return dq, dk, dv, None, dslopes, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def position_aware_attention(
@@ -746,7 +830,9 @@ def position_aware_attention(
     _validate(q, k, v, item_idx, slopes, attention_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
-    return _PositionAwareAttention.apply(q, k, v, item_idx, slopes, attention_mask, bool(causal), scale)
+    out, _ = _forward_op(q, k, v, item_idx, slopes.to(torch.float32).contiguous(), attention_mask, bool(causal), scale,
+                         deterministic_kernels())
+    return out
 
 
 def position_aware_attention_reference(

@@ -28,17 +28,27 @@ def seen_before_target(data: SequenceData, split: str, rows: slice = slice(None)
 
 
 @torch.no_grad()
-def evaluate(scorer: Scorer, data: SequenceData, split: str = "test", full_catalog: bool = False,
-             ks: tuple[int, ...] = DEFAULT_KS, batch_size: int = 512) -> dict[str, float]:
+def sample_ranks(scorer: Scorer, data: SequenceData, split: str = "test", full_catalog: bool = False,
+                 batch_size: int = 512, rows: slice = slice(None)) -> np.ndarray:
+    """0-based rank of the target for the split's samples ``rows`` (contiguous), scored in batches of
+    ``batch_size`` from ``rows.start``: a distributed evaluation gives each rank a block that starts on a batch
+    boundary, so its batches are the ones a single process scores."""
     samples = data.split(split)
-    ranks = []
-    for a in range(0, len(samples), batch_size):
-        part = samples.subset(slice(a, a + batch_size))
+    start, stop, _ = rows.indices(len(samples))
+    ranks = [np.zeros(0, dtype=np.int64)]
+    for a in range(start, stop, batch_size):
+        b = min(a + batch_size, stop)
+        part = samples.subset(slice(a, b))
         if full_catalog:
             scores = scorer.score(part, None)
-            exclude = seen_before_target(data, split, slice(a, a + batch_size))
+            exclude = seen_before_target(data, split, slice(a, b))
             ranks.append(ranks_from_scores(scores, torch.from_numpy(part.target), exclude))
         else:
             scores = scorer.score(part, torch.from_numpy(part.candidates))
             ranks.append(ranks_from_scores(scores, torch.from_numpy(part.label)))
-    return ranking_metrics(np.concatenate(ranks), ks)
+    return np.concatenate(ranks)
+
+
+def evaluate(scorer: Scorer, data: SequenceData, split: str = "test", full_catalog: bool = False,
+             ks: tuple[int, ...] = DEFAULT_KS, batch_size: int = 512) -> dict[str, float]:
+    return ranking_metrics(sample_ranks(scorer, data, split, full_catalog, batch_size), ks)

@@ -65,7 +65,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: PositiveInt = 64
+    batch_size: PositiveInt = 64  # the global batch: over all ranks under torchrun, a multiple of the world size
+    grad_accumulation: PositiveInt = 1  # micro-batches per step and rank (batch_size / world size / this each)
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun; auto: ddp with LoRA, fsdp (FSDP2) without
     eval_batch_size: PositiveInt = 256
     weight_decay: NonNegativeFloat = 0.0
     grad_clip: PositiveFloat = 1.0

@@ -45,10 +45,15 @@ def load_sequences(cfg: RunConfig) -> tuple[Interactions, ItemTable | None, Sequ
     return inter, table, build_sequences(inter, cfg.data.split)
 
 
+def item_cache(cfg: RunConfig) -> Path:
+    """Where a run caches its ItemTable."""
+    return Path(cfg.out_dir) / "items"
+
+
 def item_table(cfg: RunConfig, inter: Interactions, data: SequenceData, table: ItemTable | None = None,
                sasrec=None, log=print) -> ItemTable:
-    """The run's ItemTable (cached in ``<out_dir>/items``); ``sasrec``: a trained SASRec for collab features."""
-    cache = Path(cfg.out_dir) / "items"
+    """The run's ItemTable (cached in ``item_cache(cfg)``); ``sasrec``: a trained SASRec for collab features."""
+    cache = item_cache(cfg)
     recipe = {"data": dataclasses.asdict(cfg.data), "seed": cfg.seed}
     if (cache / "items.json").is_file():
         cached = ItemTable.load(cache)

@@ -13,6 +13,12 @@ processes compute with one intra-op thread (``torch.set_num_threads(1)``); with 
 threaded GEMMs) may sum in a different order from run to run, so even two uninterrupted runs agree only to
 fp32 rounding (measured on 2 threads: up to 5.6e-6 in the weights after configs/demo.yaml's run reduced to
 text+image and 1,024 samples per epoch), and so does a resumed one. Resuming a finished run loads its state and trains nothing (``complete``).
+
+Under torchrun the same loop runs on every rank (``speeder_rt.train.distributed``): ``train.batch_size`` is the
+global batch, each rank trains on its share of every step's batch, validation shards the users and gathers
+their results, and rank 0 alone writes checkpoints and logs. The files are the ones a single process writes.
+Resuming with the same world size reproduces the uninterrupted distributed run bit for bit on the CPU (torchrun
+runs each rank on one intra-op thread); with another world size it continues to fp32 rounding and says so.
 """
 from __future__ import annotations
 
@@ -30,15 +36,20 @@ from tqdm import tqdm
 
 from speeder_rt.data import ItemTable, SequenceData
 from speeder_rt.data.sequences import draw_candidates
-from speeder_rt.eval.protocol import evaluate
+from speeder_rt.eval.metrics import ranking_metrics
+from speeder_rt.eval.protocol import sample_ranks
 from speeder_rt.model.mpo import default_schedule, new_modalities, set_trainable, validate_schedule
 from speeder_rt.model.pretrained import (MODEL_KINDS, ITEMS, RESUME_TENSORS, ResumeState, check_model_dir,
-                                         load_model_dir, load_named_optimizer_state, load_weights,
-                                         named_optimizer_state, read_model_config, read_resume_state, save_model_dir)
+                                         load_model_dir, load_weights, read_model_config, read_resume_state,
+                                         save_model_dir)
 from speeder_rt.model.speeder import SpeederModel, resolve_backend
 from speeder_rt.train.config import RunConfig, run_config_from_dict
+from speeder_rt.train.distributed import (World, all_gather_concat, all_reduce_sum, barrier, check_batch, eval_rows,
+                                          gather_rank_rng, mean_of_counts, micro_batches, parallel_mode, parallel_model,
+                                          pick_device, restore_rank_rng)
 
 PHASE_CODES = {"warmup": 0, "main": 1}
+TEXT_EVAL_BATCH = 16  # users per generation batch in the text baseline's validation
 
 
 @dataclass
@@ -59,12 +70,6 @@ class Progress:
     step_in_epoch: int = 0
     global_step: int = 0
     best_metric: float = float("-inf")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_model(kind: str, cfg: RunConfig, table: ItemTable, device: torch.device) -> torch.nn.Module:
@@ -153,14 +158,34 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+def _silent(*_: Any) -> None:
+    pass
+
+
 class Trainer:
-    def __init__(self, kind: str, cfg: RunConfig, data: SequenceData, table: ItemTable, log=print) -> None:
+    def __init__(self, kind: str, cfg: RunConfig, data: SequenceData, table: ItemTable, log=print,
+                 world: World | None = None) -> None:
+        """``world``: this process's rank in a torchrun job (``distributed.init_world``); None: a single process."""
         if kind not in MODEL_KINDS:
             raise ValueError(f"--model must be one of {list(MODEL_KINDS)}, got {kind!r}")
-        self.kind, self.cfg, self.data, self.table, self.log = kind, cfg, data, table, log
-        self.device = pick_device(cfg.train.device)
+        self.world = world or World(pick_device(cfg.train.device))
+        self.kind, self.cfg, self.data, self.table = kind, cfg, data, table
+        self.log = log if self.world.is_main else _silent
+        check_batch(self.world, cfg.train.batch_size, cfg.train.grad_accumulation)
+        self.device = self.world.device
         torch.manual_seed(cfg.seed)
         self.model = build_model(kind, cfg, table, self.device)
+        if self.world.rank:  # rank 0 goes on with the single-process stream, the others draw their own (dropout)
+            torch.manual_seed(_seed(cfg.seed, self.world.rank))
+        mode = parallel_mode(cfg.train.parallel, cfg.model.backbone.lora is not None)
+        # without the relative bias the SPAE slopes (trainable set "spae") reach no loss
+        self.parallel = parallel_model(self.model, self.world, mode,
+                                       find_unused=kind == "speeder" and not cfg.model.relative_bias)
+        if self.world.distributed:
+            per_rank = cfg.train.batch_size // self.world.size
+            self.log(f"distributed: {self.world.size} ranks on {self.device.type}, train.parallel {mode}, global batch "
+                     f"{cfg.train.batch_size} = {self.world.size} ranks x {cfg.train.grad_accumulation} micro-batches "
+                     f"x {per_rank // cfg.train.grad_accumulation}")
         self.phases = run_phases(kind, cfg)
         self.out = Path(cfg.out_dir) / kind
         self.progress = Progress()
@@ -198,7 +223,7 @@ class Trainer:
 
     def _start_phase(self, phase_index: int) -> None:
         phase = self.phases[phase_index]
-        params = phase_parameters(self.model, self.kind, phase)
+        params = self.parallel.start_phase(phase_parameters(self.model, self.kind, phase))
         self.optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=self.cfg.train.weight_decay)
         total = max(1, self._phase_steps(phase_index))
         ramp = max(1, total // 20)
@@ -209,7 +234,8 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, name: str) -> Path:
         """Write ``<out_dir>/<kind>/<name>/`` atomically: ``best`` (the model) or ``last`` (the model and its
-        resume state)."""
+        resume state). Every rank calls it (an FSDP2 state is gathered); rank 0 writes, the others wait."""
+        state = self.parallel.full_state()
         resume = None
         if name == "last":
             p = self.progress
@@ -217,12 +243,20 @@ class Trainer:
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng.update((f"cuda:{i}", s) for i, s in enumerate(torch.cuda.get_rng_state_all()))
-            resume = ResumeState(progress, named_optimizer_state(self.model, self.optimizer), self.scheduler.state_dict(),
-                                 rng, {"last_valid": self.last_metrics, "intra_op_threads": torch.get_num_threads()})
-        return save_model_dir(self.out / name, self.model, run_config=recorded_config(self.cfg), resume=resume)
+            rng.update(gather_rank_rng(self.world))
+            facts = {"last_valid": self.last_metrics, "intra_op_threads": torch.get_num_threads(),
+                     "world_size": self.world.size}
+            resume = ResumeState(progress, self.parallel.optimizer_state(self.optimizer), self.scheduler.state_dict(),
+                                 rng, facts)
+        path = self.out / name
+        if self.world.is_main:
+            save_model_dir(path, self.model, state_dict=state, run_config=recorded_config(self.cfg), resume=resume)
+        barrier(self.world)
+        return path
 
     def resume(self, path: str | Path) -> None:
-        """Continue from a run's ``last/`` directory (a finished run's leaves ``complete`` True)."""
+        """Continue from a run's ``last/`` directory (a finished run's leaves ``complete`` True); call it before
+        ``run`` (the weights load before FSDP2 shards them)."""
         path = check_model_dir(path)
         config = read_model_config(path, self.kind)
         state = read_resume_state(path)
@@ -243,14 +277,21 @@ class Trainer:
             self.log(f"{path}: the run is complete ({len(self.phases)} phases, {p.global_step} steps); nothing to train")
             return
         self._start_phase(p.phase)
-        load_named_optimizer_state(self.model, self.optimizer, state.optimizer, path / RESUME_TENSORS)
+        self.parallel.load_optimizer_state(self.optimizer, state.optimizer, path / RESUME_TENSORS)
         self.scheduler.load_state_dict(state.scheduler)
         torch.set_rng_state(state.rng["cpu"])
         cuda = [state.rng[k] for k in sorted(state.rng) if k.startswith("cuda:")]
         if cuda and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda)
+        if self.world.rank and not restore_rank_rng(self.world, state.rng):  # a rank the checkpoint did not have
+            torch.manual_seed(_seed(self.cfg.seed, self.world.rank, p.global_step))
         self.log(f"resumed from {path} at phase {p.phase}, epoch {p.epoch}, step {p.step_in_epoch} "
                  f"(global step {p.global_step})")
+        world = (state.facts.get("world_size", 1), self.world.size)
+        if world[0] != world[1]:
+            self.log(f"note: checkpointed with world size {world[0]}, resuming with {world[1]}: the same global batches "
+                     "in the same order, but the gradient sums run in another order, so the run continues to fp32 "
+                     "rounding of the uninterrupted one, not bit for bit")
         threads = (state.facts.get("intra_op_threads"), torch.get_num_threads())
         if threads != (1, 1):
             self.log(f"note: checkpointed with {threads[0] or 'an unknown number of'} intra-op threads, resuming with "
@@ -272,12 +313,68 @@ class Trainer:
     def _loss(self, samples, idx: np.ndarray) -> torch.Tensor:
         to = lambda a: torch.from_numpy(a[idx]).to(self.device)  # noqa: E731
         label = samples.label if self.kind == "speeder" else samples.target
-        return self.model.loss(to(samples.history), to(samples.history_len), to(samples.candidates), to(label))
+        return self.parallel.loss(to(samples.history), to(samples.history_len), to(samples.candidates), to(label))
+
+    def _loss_terms(self, samples, batch: np.ndarray) -> np.ndarray:
+        """Per sample of ``batch``, the terms its loss averages over: 1 for Speeder, the target's tokens for the
+        text baseline (its loss is a mean over tokens)."""
+        if self.kind == "speeder":
+            return np.ones(len(batch))
+        from speeder_rt.baselines.text_item import IGNORE
+
+        prompts = self.model.build_prompts(samples.history[batch], samples.history_len[batch],
+                                           samples.candidates[batch], samples.target[batch])
+        return (prompts.labels != IGNORE).sum(1).numpy()
+
+    def _micro_batches(self, samples, batch: np.ndarray) -> list[tuple[np.ndarray, float | None]]:
+        """This rank's micro-batches of a step's ``batch``, each with its share of the step's loss terms (None: the
+        whole step in one process). An empty one becomes the step's first sample with share 0, so that every rank
+        runs every forward, backward and collective."""
+        accumulation = self.cfg.train.grad_accumulation
+        if not self.world.distributed and accumulation == 1:
+            return [(batch, None)]
+        terms = self._loss_terms(samples, batch)
+        total = terms.sum()
+        return [(batch[rows], float(terms[rows].sum() / total)) if len(rows) else (batch[:1], 0.0)
+                for rows in micro_batches(self.world, np.arange(len(batch)), accumulation)]
+
+    def train_step(self, samples, batch: np.ndarray) -> float:
+        """One optimizer step on the global batch ``batch`` (indices into ``samples``); returns its loss, the mean
+        over the whole batch (all ranks)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = self._micro_batches(samples, batch)
+        total = None
+        for i, (rows, share) in enumerate(parts):
+            with self.parallel.gradient_sync(i == len(parts) - 1):
+                loss = self._loss(samples, rows)
+                # DDP and FSDP2 average gradients over ranks: world_size x share makes that the step's mean
+                (loss if share is None else loss * (share * self.world.size)).backward()
+            part = loss.detach() if share is None else loss.detach() * share
+            total = part if total is None else total + part
+        torch.nn.utils.clip_grad_norm_([q for g in self.optimizer.param_groups for q in g["params"]],
+                                       self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return all_reduce_sum(self.world, total)
 
     def validate(self) -> dict[str, float]:
+        """Validation metrics over all users: each rank evaluates its block of users (whole batches), the results
+        are gathered and the metrics computed once."""
+        model = self.parallel.eval_model()
+        valid = self.data.valid
         if self.kind == "speeder":
-            return evaluate(self.model, self.data, "valid", batch_size=self.cfg.train.eval_batch_size)
-        return self.model.evaluate(self.data, "valid", limit=self.cfg.text_baseline.eval_limit)
+            size = self.cfg.train.eval_batch_size
+            rows = eval_rows(self.world, len(valid), size)
+            ranks = sample_ranks(model, self.data, "valid", batch_size=size, rows=rows)
+            return ranking_metrics(all_gather_concat(self.world, ranks))
+        limit = self.cfg.text_baseline.eval_limit
+        rows = eval_rows(self.world, len(valid) if limit is None else min(limit, len(valid)), TEXT_EVAL_BATCH)
+        users = rows.stop - rows.start
+        if not users:  # more ranks than batches: evaluate one user and count none, so the metric names are known
+            rows = slice(0, 1)
+        metrics = model.evaluate(dataclasses.replace(self.data, valid=valid.subset(rows)), "valid",
+                                 batch_size=TEXT_EVAL_BATCH, progress=self.cfg.train.progress and self.world.is_main)
+        return mean_of_counts(self.world, metrics, users)
 
     def run(self, stop_after_steps: int | None = None) -> dict[str, float]:
         """Train to the end (or stop right after checkpointing at global step ``stop_after_steps``)."""
@@ -294,23 +391,18 @@ class Trainer:
             n_epochs = phase.epochs if phase.name == "main" else math.inf
             while p.epoch < n_epochs:
                 samples, batches = self._epoch_batches(p.phase, p.epoch)
-                bar = tqdm(total=len(batches), initial=p.step_in_epoch, disable=not self.cfg.train.progress,
+                bar = tqdm(total=len(batches), initial=p.step_in_epoch,
+                           disable=not (self.cfg.train.progress and self.world.is_main),
                            desc=f"{self.kind} {phase.name} stage {phase.stage} epoch {p.epoch}", leave=False)
                 tic, seen = time.perf_counter(), 0
                 while p.step_in_epoch < len(batches) and not self._warmup_done(phase):
                     idx = batches[p.step_in_epoch]
-                    loss = self._loss(samples, idx)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_([q for g in self.optimizer.param_groups for q in g["params"]],
-                                                   self.cfg.train.grad_clip)
-                    self.optimizer.step()
-                    self.scheduler.step()
+                    loss = self.train_step(samples, idx)
                     p.step_in_epoch += 1
                     p.global_step += 1
-                    seen += len(idx)
+                    seen += len(idx)  # the global batch: samples/s over all ranks
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{seen / (time.perf_counter() - tic):.0f}")
+                    bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{seen / (time.perf_counter() - tic):.0f}")
                     if self.cfg.train.checkpoint_every and p.global_step % self.cfg.train.checkpoint_every == 0:
                         self.save("last")
                         if stop_after_steps is not None and p.global_step >= stop_after_steps:

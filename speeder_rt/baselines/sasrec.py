@@ -113,9 +113,11 @@ def _training_sequences(data: SequenceData, max_len: int) -> tuple[torch.Tensor,
     return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(targets))
 
 
-def train_sasrec(data: SequenceData, cfg: SASRecConfig = SASRecConfig(), log=print, progress: bool = True) -> SASRec:
+def train_sasrec(data: SequenceData, cfg: SASRecConfig = SASRecConfig(), log=print, progress: bool = True,
+                 step_losses: list[float] | None = None) -> SASRec:
     """Train on the training split; keep the weights with the best validation NDCG@10. ``log`` gets a line at
-    every validation (with the time left), ``progress`` shows a bar over the steps."""
+    every validation (with the time left), ``progress`` shows a bar over the steps, ``step_losses`` (a list)
+    gets every step's training loss."""
     from speeder_rt.eval.protocol import evaluate
 
     torch.manual_seed(cfg.seed)
@@ -139,7 +141,10 @@ def train_sasrec(data: SequenceData, cfg: SASRecConfig = SASRecConfig(), log=pri
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += loss.item() * len(idx)
+                value = loss.item()
+                total += value * len(idx)
+                if step_losses is not None:
+                    step_losses.append(value)
                 bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{total / len(inputs):.4f}", refresh=False)
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:

@@ -2,6 +2,8 @@
 
 Per user, interactions are ordered by timestamp (ties keep the source's row order). The last item is the
 test target, the second-last the validation target, and every earlier prefix yields a training sample.
+Users with fewer than ``min_interactions`` (at least the 3 leave-one-out needs) are short users, refused or
+dropped (``short_users``), e.g. ``min_interactions: 50`` for a study of long histories.
 A sample's history is the ``history_len`` most recent items before its target, oldest first, right-padded
 with ``PAD`` (-1). Evaluation candidates are the target plus ``num_candidates - 1`` items the user never
 interacted with, shuffled; they are fixed by ``seed``, the split and the user's key (so filtering other
@@ -28,7 +30,8 @@ class SplitConfig:
     num_candidates: Annotated[int, Range(ge=2)] = 20
     max_train_samples_per_user: PositiveInt | None = None  # keep the most recent prefixes; None = all
     kcore: NonNegativeInt = 0  # iterative k-core on users and items (0 = off)
-    short_users: Literal["error", "drop"] = "error"  # users with < 3 interactions
+    min_interactions: Annotated[int, Range(ge=3)] = 3  # users with fewer (after the k-core) are short users
+    short_users: Literal["error", "drop"] = "error"  # what happens to short users
     seed: NonNegativeInt = 0
 
     def __post_init__(self) -> None:
@@ -161,11 +164,13 @@ def build_sequences(inter: Interactions, cfg: SplitConfig = SplitConfig()) -> Se
     for a, b in zip(starts, ends):
         seq = items[a:b]
         u = int(users[a])
-        if len(seq) < 3:
+        if len(seq) < cfg.min_interactions:
             if cfg.short_users == "error":
+                need = ("leave-one-out needs at least 3" if cfg.min_interactions == 3
+                        else f"min_interactions is {cfg.min_interactions}")
                 raise ValueError(
-                    f"{inter.source}: user {inter.user_keys[u]!r} has {len(seq)} interaction(s); leave-one-out needs "
-                    "at least 3 (use short_users='drop' or a k-core filter)"
+                    f"{inter.source}: user {inter.user_keys[u]!r} has {len(seq)} interaction(s); {need} (use "
+                    "short_users='drop' or a k-core filter)"
                 )
             continue
         uniq = np.unique(seq)
@@ -178,7 +183,8 @@ def build_sequences(inter: Interactions, cfg: SplitConfig = SplitConfig()) -> Se
         sequences.append(seq)
         user_items.append(uniq)
     if not sequences:
-        raise ValueError(f"{inter.source}: no user has the 3 interactions leave-one-out needs")
+        raise ValueError(f"{inter.source}: no user has the {cfg.min_interactions} interactions the split needs "
+                         f"(min_interactions; leave-one-out needs 3)")
 
     def make(rows: list[tuple[int, np.ndarray, int, int]]) -> Samples:
         if not rows:

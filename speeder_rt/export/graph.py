@@ -17,7 +17,8 @@ before any gather, so no engine reads out of bounds or wraps -1 around to the la
 the graphs compute exactly what they did without these checks.
 
 The item-token table, recency and candidate embeddings, template token embeddings, SPAE slopes, head and
-the decoder (LoRA merged into its weights) are module state, so an exporter bakes them in. The graphs run
+the decoder (LoRA merged into its weights) are module state, so an exporter bakes them in; a model trained
+with ``recency: false`` has no recency table, and its graphs add none. The graphs run
 the model's own ``prompt`` / ``pred_state`` on a slim module holding only what inference reads (no MoME,
 no item features, only the template rows of the vocabulary embedding).
 
@@ -106,7 +107,7 @@ class _Slim(nn.Module):
         self.template_sizes = model.template_sizes
         self.hidden_size = model.hidden_size
         self.decoder = decoder
-        self.recency = copy.deepcopy(model.recency)
+        self.recency = copy.deepcopy(model.recency)  # None when the model has no recency table
         self.candidate_embedding = nn.Parameter(model.candidate_embedding.detach().clone())
         self.slopes = nn.Parameter(model.slopes.detach().clone())
         self.head = copy.deepcopy(model.head)

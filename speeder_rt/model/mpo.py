@@ -100,7 +100,8 @@ def select_parameters(model: nn.Module, sets: list[str], modalities: list[str]) 
         elif s == "head":
             add("head", model.head)
         elif s == "spae":
-            add("recency", model.recency)
+            if model.recency is not None:  # a model with recency off has no table
+                add("recency", model.recency)
             add("candidate_embedding", model.candidate_embedding)
             add("slopes", model.slopes)
         elif s == "lora":

@@ -110,15 +110,18 @@ def gather_inputs_embeds(
 
 
 def assemble_prompt(history_tokens: torch.Tensor, history_len: torch.Tensor, candidate_tokens: torch.Tensor,
-                    recency: torch.Tensor, candidate_embedding: torch.Tensor, template_emb: torch.Tensor,
+                    recency: torch.Tensor | None, candidate_embedding: torch.Tensor, template_emb: torch.Tensor,
                     template_sizes: tuple[int, int, int]) -> tuple[torch.Tensor, PromptLayout]:
     """(inputs_embeds, layout) from item tokens: history slot j < n gets ``recency[n - 1 - j]`` (0 = the most
-    recent item), every candidate ``candidate_embedding``; then one gather lays out the prompt."""
+    recent item; ``recency`` None: nothing), every candidate ``candidate_embedding``; then one gather lays out
+    the prompt."""
     width = history_tokens.shape[1]
-    slot = torch.arange(width, device=history_len.device)[None, :]
-    rows = (history_len[:, None].long() - 1 - slot).clamp(min=0)
-    real = (slot < history_len[:, None])[..., None].to(history_tokens.dtype)
-    history_in = history_tokens + recency[rows] * real
+    history_in = history_tokens
+    if recency is not None:
+        slot = torch.arange(width, device=history_len.device)[None, :]
+        rows = (history_len[:, None].long() - 1 - slot).clamp(min=0)
+        real = (slot < history_len[:, None])[..., None].to(history_tokens.dtype)
+        history_in = history_tokens + recency[rows] * real
     lay = layout(history_len, width, candidate_tokens.shape[1], tuple(int(x) for x in template_sizes))
     return gather_inputs_embeds(template_emb, history_in, candidate_tokens + candidate_embedding, lay), lay
 

@@ -1,7 +1,7 @@
 """The Speeder recommender: one MoME token per item, SPAE position cues, a scoring head over candidates.
 
     tokens   = MoME(features of history and candidate items)                 (one token per item)
-    h_r     += P[r]  for the history item r positions from the end;  c += candidate_embedding
+    h_r     += P[r]  for the history item r positions from the end (``recency``);  c += candidate_embedding
     hidden   = decoder(inputs_embeds of the prompt layout, SPAE bias in every attention layer)
     scores_k = Linear(hidden[PRED]) . token(candidate_k) / sqrt(d_h)           (listwise CE over K)
 
@@ -38,7 +38,8 @@ class SpeederConfig:
     modalities: list[str] = field(default_factory=lambda: ["text", "collab", "image"])
     d_expert: PositiveInt = 256
     max_history: PositiveInt = 50  # recency table size; longer histories are refused
-    relative_bias: bool = True
+    relative_bias: bool = True  # SPAE's attention bias (False: plain causal attention)
+    recency: bool = True  # the recency table P added to history tokens (False: no such table, nothing added)
     attn_backend: str = "auto"  # auto: triton on CUDA, reference on CPU
     template: TemplateConfig = field(default_factory=TemplateConfig)
 
@@ -92,9 +93,10 @@ class SpeederModel(PretrainedModel, nn.Module):
 
         dims = {m: table.width(m) for m in cfg.modalities}
         self.mome = MixtureOfModalityExperts(dims, cfg.d_expert, hidden)
-        self.recency = nn.Embedding(cfg.max_history, hidden)
+        self.recency = nn.Embedding(cfg.max_history, hidden) if cfg.recency else None
         self.candidate_embedding = nn.Parameter(torch.zeros(hidden))
-        nn.init.normal_(self.recency.weight, std=0.02)
+        if self.recency is not None:
+            nn.init.normal_(self.recency.weight, std=0.02)
         heads = torch.arange(1, self.num_heads + 1, dtype=torch.float32)
         self.slopes = nn.Parameter((2.0 ** (-8.0 * heads / self.num_heads)).repeat(self.num_layers, 1))
         self.head = nn.Linear(hidden, hidden)
@@ -169,11 +171,14 @@ class SpeederModel(PretrainedModel, nn.Module):
         if width > self.cfg.max_history:
             raise ValueError(f"history width {width} exceeds max_history={self.cfg.max_history}")
         template_emb = self.decoder.get_input_embeddings()(self.template)
+        recency = None if self.recency is None else self.recency.weight
         if item_tokens is not None and self.fused_item_path and not torch.is_grad_enabled():  # inference-only kernel
             from speeder_rt.kernels import assemble_inputs_embeds
 
+            if recency is None:  # the kernel always adds a recency row: zero rows add nothing
+                recency = item_tokens.new_zeros(max(width, 1), item_tokens.shape[1])
             embeds, _, _ = assemble_inputs_embeds(
-                item_tokens, history, history_len, candidates, self.recency.weight, self.candidate_embedding,
+                item_tokens, history, history_len, candidates, recency, self.candidate_embedding,
                 self.template, self.decoder.get_input_embeddings().weight, self.template_sizes, validate=False)
             return embeds, layout(history_len, width, candidates.shape[1], self.template_sizes), item_tokens[candidates]
         if item_tokens is None:
@@ -181,8 +186,8 @@ class SpeederModel(PretrainedModel, nn.Module):
         else:
             hist_tok = item_tokens[history.clamp(min=0)] * (history >= 0)[..., None].to(item_tokens.dtype)
             cand_tok = item_tokens[candidates]
-        embeds, lay = assemble_prompt(hist_tok, history_len, cand_tok, self.recency.weight, self.candidate_embedding,
-                                      template_emb, self.template_sizes)
+        embeds, lay = assemble_prompt(hist_tok, history_len, cand_tok, recency, self.candidate_embedding, template_emb,
+                                      self.template_sizes)
         return embeds, lay, cand_tok
 
     def pred_state(self, inputs_embeds: torch.Tensor, lay: PromptLayout) -> torch.Tensor:

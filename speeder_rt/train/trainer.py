@@ -190,6 +190,7 @@ class Trainer:
         self.out = Path(cfg.out_dir) / kind
         self.progress = Progress()
         self.last_metrics: dict[str, float] = {}
+        self.step_losses: list[float] = []  # the training loss of every step this process ran, in order
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 
@@ -402,6 +403,7 @@ class Trainer:
                     p.global_step += 1
                     seen += len(idx)  # the global batch: samples/s over all ranks
                     bar.update(1)
+                    self.step_losses.append(loss)
                     bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{seen / (time.perf_counter() - tic):.0f}")
                     if self.cfg.train.checkpoint_every and p.global_step % self.cfg.train.checkpoint_every == 0:
                         self.save("last")

@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_run_config(args.config)
+        cfg.train.apply_num_threads()
         if args.resume:  # the checkpoint's own item table: no feature is rebuilt
             resume = check_model_dir(args.resume)
             _, _, data = load_sequences(cfg)

@@ -1,5 +1,6 @@
 """`make demo`: build the data, train Speeder (all MPO stages), the text-item baseline and SASRec, evaluate
-them with popularity and random on the test split, and print one side-by-side table.
+them with popularity and random on the test split, and print one side-by-side table. SASRec and Speeder
+are both evaluated at their best validation epoch (NDCG@10).
 
 ``python -m speeder_rt.demo [--config configs/demo.yaml] [--data SOURCE] [--models speeder,text_baseline,...]``
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ from speeder_rt.baselines.sasrec import train_sasrec
 from speeder_rt.baselines.simple import PopularityScorer, RandomScorer
 from speeder_rt.eval.metrics import format_table
 from speeder_rt.eval.protocol import evaluate
+from speeder_rt.model.pretrained import load_weights
 from speeder_rt.train.config import RunConfig, load_run_config
 from speeder_rt.train.data import item_table, load_sequences
 from speeder_rt.train.trainer import Trainer
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if "speeder" in models:
         trainer = Trainer("speeder", cfg, data, table)
         _, secs = _timed(trainer.run)
+        if math.isfinite(trainer.progress.best_metric):  # it validated: its best epoch, as SASRec's
+            load_weights(trainer.model, trainer.out / "best")
         metrics, infer = _timed(lambda: evaluate(trainer.model, data, "test", batch_size=cfg.train.eval_batch_size))
         rows["Speeder"] = {**metrics, "train_s": round(secs, 1), "infer_ms": 1000 * infer / len(data.test)}
     if "text_baseline" in models:

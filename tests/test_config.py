@@ -31,7 +31,7 @@ CASES = [
     ({"train": {"batch_size": 32.7}}, "train.batch_size: expected an integer >= 1, got 32.7"),
     ({"data": {"split": {"histroy_len": 5}}},
      "data.split: unknown key 'histroy_len' (did you mean 'history_len'?); allowed: history_len, num_candidates, "
-     "max_train_samples_per_user, kcore, short_users, seed"),
+     "max_train_samples_per_user, kcore, min_interactions, short_users, seed"),
     ({"mpo_defaults": {"warmup_step": 5}},
      "mpo_defaults: unknown key 'warmup_step' (did you mean 'warmup_steps'?); allowed: epochs, lr, warmup_steps"),
     ({"sed": 1},
@@ -41,7 +41,7 @@ CASES = [
     ({"data": {"source": "csv"}},
      "data.source: 'csv' is not one of synthetic, movielens[:DIR], csv:FILE, amazon:REVIEWS[,META]"),
     ({"data": {"split": 5}},
-     "data.split: expected a mapping with keys history_len, num_candidates, max_train_samples_per_user, kcore, "
+     "data.split: expected a mapping with keys history_len, num_candidates, max_train_samples_per_user, kcore, min_interactions, "
      "short_users, seed, got 5"),
     ({"data": {"split": {"num_candidates": 1}}}, "data.split.num_candidates: expected an integer >= 2, got 1"),
     ({"data": {"split": {"short_users": "keep"}}}, "data.split.short_users: expected one of 'error', 'drop', got 'keep'"),
@@ -107,7 +107,7 @@ CASES = [
      "model.template: fixed_ids reach 600, beyond backbone.vocab_size 512"),
     ({"train": {"lr": 0.1}},
      "train: unknown key 'lr'; allowed: batch_size, grad_accumulation, parallel, eval_batch_size, weight_decay, "
-     "grad_clip, max_train_samples_per_epoch, checkpoint_every, device, progress"),
+     "grad_clip, max_train_samples_per_epoch, checkpoint_every, device, progress, num_threads, deterministic"),
     ({"train": {"device": "gpu"}}, "train.device: 'gpu' is not auto or a torch device (cpu, cuda, cuda:1)"),
     ({"train": {"grad_clip": 0}}, "train.grad_clip: expected a number > 0, got 0"),
     ({"train": {"weight_decay": float("nan")}}, "train.weight_decay: expected a number >= 0, got nan"),
@@ -256,3 +256,23 @@ def test_config_errors_pickle():
     again = pickle.loads(pickle.dumps(err))
     assert str(again) == str(err) == "run.yaml: train.batch_size: expected an integer >= 1, got 0"
     assert isinstance(again, ValueError) and (again.keys, again.where) == (("train", "batch_size"), "run.yaml")
+
+
+def test_process_settings_set_the_thread_count_and_the_kernels_determinism():
+    import torch
+
+    from speeder_rt.kernels import deterministic_kernels, use_deterministic_kernels
+
+    threads = torch.get_num_threads()
+    try:
+        run_config_from_dict({"train": {"num_threads": 1, "deterministic": True}}).train.apply_process_settings()
+        assert torch.get_num_threads() == 1 and deterministic_kernels()
+        run_config_from_dict({}).train.apply_process_settings()  # defaults: threads untouched, autotuning back
+        assert torch.get_num_threads() == 1 and not deterministic_kernels()
+    finally:
+        torch.set_num_threads(threads)
+        use_deterministic_kernels(False)
+    with pytest.raises(ConfigError, match=r"train\.num_threads"):
+        run_config_from_dict({"train": {"num_threads": 0}})
+    with pytest.raises(ConfigError, match=r"train\.deterministic"):
+        run_config_from_dict({"train": {"deterministic": "yes"}})

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         require_matplotlib()
         from speeder_rt.train.config import load_run_config  # the file's checks and messages
-        load_run_config(args.config)
+        load_run_config(args.config).train.apply_process_settings()  # threads and kernels: the same for every row
         with open(args.config, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
         study = plan(raw, args.config, args.out, args.seeds, rows, args.history_len)

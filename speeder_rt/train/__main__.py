@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_run_config(args.config)
+        cfg.train.apply_process_settings()
         world = init_world(cfg.train.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -75,6 +75,8 @@ class TrainConfig:
     checkpoint_every: NonNegativeInt = 0  # steps; 0 = at epoch ends only
     device: str = "auto"  # auto (cuda when available) or a torch device: cpu, cuda, cuda:1
     progress: bool = True
+    num_threads: PositiveInt | None = None  # torch intra-op threads of the process (None: torch's default)
+    deterministic: bool = False  # Triton kernels: one fixed config per shape, fixed summation order (bitwise runs)
 
     def __post_init__(self) -> None:
         check(self)
@@ -84,6 +86,17 @@ class TrainConfig:
             except RuntimeError:
                 raise invalid(self, "device", f"{self.device!r} is not auto or a torch device (cpu, cuda, cuda:1)"
                               ) from None
+
+    def apply_process_settings(self) -> None:
+        """Apply the settings that belong to the process, not to one model: torch's intra-op thread count when
+        ``num_threads`` is given (on a machine whose cores are shared with other jobs, OpenMP threads that
+        spin-wait for descheduled siblings make every op slower than one thread would: measured 8x on the tiny
+        backbone at load 13 on 2 cores), and the Triton kernels' fixed configs when ``deterministic``."""
+        from speeder_rt.kernels import use_deterministic_kernels
+
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
+        use_deterministic_kernels(self.deterministic)
 
 
 @dataclass

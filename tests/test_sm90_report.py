@@ -58,7 +58,7 @@ def test_workloads_cover_the_configs(config):
     assert any(s[1:4] == (dims, run.model.d_expert, shape["hidden_size"]) for s in sm90_report.PROJECTION_SHAPES)
     assert shape["hidden_size"] in sm90_report.PROMPT_HIDDEN
     split = run.data.split
-    assert any((w, k) == (split["history_len"], split["num_candidates"]) for _, w, k, _ in sm90_report.PROMPT_SHAPES)
+    assert any((w, k) == (split.history_len, split.num_candidates) for _, w, k, _ in sm90_report.PROMPT_SHAPES)
 
 
 def test_quick_report_cli():

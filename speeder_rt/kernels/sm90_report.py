@@ -76,6 +76,7 @@ PROJECTION_SHAPES = (
     ("bench_qwen2_0p5b_table", (64, 64, 48), 1024, 896, 5000, False, False),
     ("benchmark_mome", (384, 64, 48), 1024, 896, 480, True, True),
     ("benchmark_mome_table", (384, 64, 48), 1024, 896, 8192, True, False),
+    ("movielens", (384, 64), 128, 64, 1920, False, True),
 )
 # assemble_inputs_embeds: (batch, history width, candidates, template sizes (P, Mi, S)) of the scoring prompt
 # (configs/*.yaml: 10 history items, 20 candidates; L = 40) and of a top-k prompt (no candidates; L = 64, a multiple

@@ -236,6 +236,28 @@ def test_an_interrupted_study_runs_only_what_is_missing(study, tmp_path, monkeyp
     assert len(again) == len(first)
 
 
+def test_parallel_jobs_give_the_results_of_one_job(study, tmp_path):
+    """--jobs 2 trains in spawned processes (one thread each, as the module's study ran in this one): the same
+    metrics and losses, and the invocation's wall time is recorded and stated."""
+    _, out = study
+    raw = copy.deepcopy(TINY)
+    raw["train"]["num_threads"] = 1
+    rows = ["full", "mrc_text", "sasrec", "random"]
+    assert study_cli(write_config(tmp_path / "threads.yaml", raw), tmp_path / "jobs", "--jobs", "2",
+                     "--rows", ",".join(rows)) == 0
+    record = results(tmp_path / "jobs")
+    parallel = {(r["row"], r["seed"]): r for r in record["runs"]}
+    one_job = {(r["row"], r["seed"]): r for r in results(out)["runs"]}
+    assert set(parallel) == {(row, seed) for row in rows for seed in SEEDS}
+    for key, run in parallel.items():
+        assert run["metrics"] == one_job[key]["metrics"], key
+        assert (run["steps"], run["loss_last"]) == (one_job[key]["steps"], one_job[key]["loss_last"]), key
+    [invocation] = record["invocations"]
+    assert (invocation["runs"], invocation["jobs"]) == (len(parallel), 2) and invocation["wall_s"] > 0
+    assert re.search(rf"Study wall time: \d+\.\d min \({len(parallel)} runs in \d+\.\d min with --jobs 2;",
+                     (tmp_path / "jobs" / "study.md").read_text())
+
+
 def test_a_changed_config_is_refused_for_recorded_runs(study, tmp_path, capsys):
     config, out = study
     raw = copy.deepcopy(TINY)
@@ -249,6 +271,8 @@ def test_cli_input_errors(tmp_path, capsys, monkeypatch):
     config = write_config(tmp_path / "tiny.yaml", TINY)
     assert study_cli(config, tmp_path / "a", "--rows", "full,spae_of") == 2
     assert "--rows: unknown row 'spae_of'; this config's rows are full, mrc_text," in capsys.readouterr().err
+    assert study_cli(config, tmp_path / "a", "--jobs", "0") == 2
+    assert "--jobs: an integer >= 1 expected, got 0" in capsys.readouterr().err
     bad = copy.deepcopy(TINY)
     bad["model"]["recency"] = "no"
     assert study_cli(write_config(tmp_path / "bad.yaml", bad), tmp_path / "b") == 2

@@ -1,15 +1,14 @@
-"""python -m speeder_rt.study --config CONFIG --out DIR [--seeds 0,1,2] [--rows ID,...] [--history-len N]"""
+"""python -m speeder_rt.study --config CONFIG --out DIR [--seeds 0,1,2] [--rows ID,...] [--history-len N] [--jobs N]"""
 from __future__ import annotations
 
 import argparse
 import shlex
 import sys
 
-import yaml
-
 from speeder_rt.study.report import require_matplotlib, write_report
 from speeder_rt.study.rows import BASELINE_ROWS, SPAE_ROWS
 from speeder_rt.study.runner import plan, run_study
+from speeder_rt.train.config import read_config_file
 
 
 def _ids(text: str) -> list[str]:
@@ -38,17 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=_ids, help="comma-separated row ids (default: every row; with --history-len: "
                                                   f"{','.join(SPAE_ROWS + BASELINE_ROWS)})")
     parser.add_argument("--history-len", type=int, help="history window N, users with >= N interactions only")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default "
+                                                             "1; on a CPU, the cores over the config's train.num_threads)")
     parser.add_argument("--no-progress", action="store_true", help="no bar over the runs")
     args = parser.parse_args(argv)
     rows = rows_for(args.rows, args.history_len)
     try:
         require_matplotlib()
-        from speeder_rt.train.config import load_run_config  # the file's checks and messages
-        load_run_config(args.config).train.apply_process_settings()  # threads and kernels: the same for every row
-        with open(args.config, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+        raw = read_config_file(args.config)
         study = plan(raw, args.config, args.out, args.seeds, rows, args.history_len)
-        results = run_study(study, progress=not args.no_progress)
+        study.apply_process_settings()  # threads and kernels: the same for every row
+        results = run_study(study, progress=not args.no_progress, jobs=args.jobs)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -94,6 +94,16 @@ def verdict(row: Row, full: Mapping[str, Stat], stats: Mapping[str, Stat]) -> tu
     return f"{numbers} vs full: {word}", f"{subject} {word} ({row.label} {relation}): {versus}."
 
 
+def _wall_time(invocations: list[Mapping[str, Any]]) -> str:
+    """The sentence on how long the invocations that ran the recorded runs took, wall clock."""
+    if not invocations:
+        return ""
+    parts = [f"{i['runs']} run{'s' if i['runs'] != 1 else ''} in {i['wall_s'] / 60:.1f} min with --jobs {i['jobs']}"
+             for i in invocations]
+    total = sum(i["wall_s"] for i in invocations) / 60
+    return f" Study wall time: {total:.1f} min ({'; '.join(parts)}; finished {invocations[-1]['finished']})."
+
+
 def markdown(rows: list[Row], summary: Mapping[str, Mapping[str, Stat]], results: Mapping[str, Any],
              seeds: list[int], command: str, same_as: Mapping[str, str]) -> str:
     """The study's table and findings."""
@@ -105,7 +115,7 @@ def markdown(rows: list[Row], summary: Mapping[str, Mapping[str, Stat]], results
              + (f", users with >= {p['min_interactions']} interactions" if p.get("min_interactions", 3) > 3 else "")
              + f". Mean ± std (sample std) over seeds {', '.join(map(str, seeds))}; Speeder rows at their best "
              "validation NDCG@10 checkpoint, SASRec at its best validation epoch; train s = training wall time "
-             "(validation included) on this machine.", "",
+             "(validation included) on this machine." + _wall_time(results.get("invocations", [])), "",
              "| row | " + " | ".join(HEADERS.get(c, c) for c in COLUMNS) + " | seeds | vs full Speeder |",
              "|---|" + "---:|" * (len(COLUMNS) + 1) + "---|"]
     full = summary.get("full")

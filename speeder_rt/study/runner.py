@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,6 +69,10 @@ class Study:
 
     def seed_dir(self, seed: int) -> Path:
         return self.out / f"seed{seed}"
+
+    def apply_process_settings(self) -> None:
+        """The run config's process settings (threads, deterministic kernels): one per study, not per row."""
+        run_config_from_dict(merged(self.raw, self.extra), self.where).train.apply_process_settings()
 
 
 def plan(raw: Mapping[str, Any], where: str, out: str | Path, seeds: list[int], rows: list[str] | None = None,
@@ -175,15 +181,78 @@ def train_speeder(cfg: RunConfig, data: SequenceData, table: ItemTable, log: Log
     return {"metrics": metrics, "train_s": train_s, **loss_summary(trainer.step_losses)}
 
 
+@dataclass
+class SeedInputs:
+    """What every row of a seed shares: its split, item table (Speeder rows) and SASRec (collab / SASRec row)."""
+
+    data: SequenceData
+    table: ItemTable | None
+    sasrec: SASRec | None
+    facts: dict[str, Any] | None
+
+
+_held: dict[tuple[str, int, frozenset[str]], SeedInputs] = {}  # this process's last seed, for its next row
+
+
+@contextlib.contextmanager
+def _holding() -> Iterator[None]:
+    """Shared inputs are held for one study only (a later study may find its directory changed)."""
+    _held.clear()
+    try:
+        yield
+    finally:
+        _held.clear()
+
+
+def seed_inputs(study: Study, seed: int, kinds: frozenset[str], log: Log) -> SeedInputs:
+    """The seed's shared inputs for rows of ``kinds``: SASRec trained once and the item table built once, both
+    kept in the seed's directory (so another process, or a resumed study, reads them instead)."""
+    key = (str(study.out), seed, kinds)
+    if key in _held:
+        return _held[key]
+    seed_cfg = study.config(FULL, seed, study.seed_dir(seed))
+    inter, synthetic_table, data = load_sequences(seed_cfg)
+    collab = "collab" in seed_cfg.model.modalities and seed_cfg.data.collab_features
+    sasrec = facts = None
+    if "sasrec" in kinds or ("speeder" in kinds and collab):
+        sasrec, facts = shared_sasrec(study.seed_dir(seed) / "sasrec", data, seed_cfg, log)
+    table = item_table(seed_cfg, inter, data, synthetic_table, sasrec=sasrec, log=log) if "speeder" in kinds else None
+    _held.clear()
+    _held[key] = SeedInputs(data, table, sasrec, facts)
+    return _held[key]
+
+
+def run_row(study: Study, row: Row, seed: int, kinds: frozenset[str], log: Log, bars: bool = True
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the outcome of ``row`` for ``seed``, the protocol facts); ``bars``: the trainer's own progress bars."""
+    inputs = seed_inputs(study, seed, kinds, log)
+    if row.kind == "speeder":
+        cfg = study.config(row, seed)
+        cfg.train.progress = cfg.train.progress and bars
+        outcome = train_speeder(cfg, inputs.data, inputs.table, log)
+    elif row.kind == "sasrec":
+        outcome = {"metrics": evaluate(inputs.sasrec, inputs.data, "test"),
+                   **{k: inputs.facts[k] for k in ("train_s", "steps", "loss_first", "loss_last", "loss_window")}}
+    else:
+        scorer = PopularityScorer(inputs.data) if row.kind == "popularity" else RandomScorer(inputs.data.num_items, seed)
+        outcome = {"metrics": evaluate(scorer, inputs.data, "test"), "train_s": 0.0, **loss_summary([])}
+    return outcome, protocol(inputs.data)
+
+
 def _record(row: Row, seed: int, key: dict[str, Any], outcome: dict[str, Any]) -> dict[str, Any]:
     return {"row": row.id, "seed": seed, "kind": row.kind, **outcome,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": key}
 
 
-def run_study(study: Study, log: Log = print, progress: bool = True) -> dict[str, Any]:
-    """Run every (row, seed) of ``study`` missing from its results; returns the results (also on disk)."""
+def run_study(study: Study, log: Log = print, progress: bool = True, jobs: int = 1) -> dict[str, Any]:
+    """Run every (row, seed) of ``study`` missing from its results; returns the results (also on disk).
+
+    ``jobs`` > 1 trains that many runs at once, each in its own process (one seed's SASRec and item table first,
+    then its rows); the results are the same as with one job, only the order they finish in differs."""
+    if jobs < 1:
+        raise ValueError(f"--jobs: an integer >= 1 expected, got {jobs}")
     out = study.out
-    with exclusive(out):
+    with exclusive(out), _holding():
         results = read_results(out)
         todo = []
         for seed in study.seeds:
@@ -194,47 +263,77 @@ def run_study(study: Study, log: Log = print, progress: bool = True) -> dict[str
                     check_recorded(out, recorded, key)
                 else:
                     todo.append((row, seed, key))
+        kinds = {seed: frozenset(row.kind for row, s, _ in todo if s == seed) for seed in study.seeds}
         total = len(study.rows) * len(study.seeds)
+        start = time.perf_counter()
         with progress_bar(total=total, desc="study", unit="run", enabled=progress) as bar:
+            def say(message: str) -> None:  # a line above the bar, not through it
+                with bar.external_write_mode():
+                    log(str(message))
+
+            def record(row: Row, seed: int, key: dict[str, Any], outcome: dict[str, Any], facts: dict[str, Any]):
+                results["runs"].append(_record(row, seed, key, outcome))
+                results["protocol"] = facts
+                write_json(out / RESULTS, results)
+                say(f"{row.label}, seed {seed}: test HR@1 {outcome['metrics']['HR@1']:.4f}  NDCG@10 "
+                    f"{outcome['metrics']['NDCG@10']:.4f}  ({outcome['train_s']:.1f}s of training)")
+                bar.update(1)
+
             bar.update(total - len(todo))
-            for seed in study.seeds:
-                pending = [(row, key) for row, s, key in todo if s == seed]
-                if pending:
-                    _run_seed(study, seed, pending, results, bar, log)
+            if jobs == 1:
+                for row, seed, key in todo:
+                    bar.set_postfix_str(f"{row.id}, seed {seed}")
+                    record(row, seed, key, *run_row(study, row, seed, kinds[seed], say))
+            elif todo:
+                _run_parallel(study, todo, kinds, jobs, record, say)
+        if todo:
+            results.setdefault("invocations", []).append(
+                {"runs": len(todo), "jobs": jobs, "wall_s": time.perf_counter() - start,
+                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            write_json(out / RESULTS, results)
     return results
 
 
-def _run_seed(study: Study, seed: int, pending: list[tuple[Row, dict[str, Any]]], results: dict[str, Any], bar,
-              log: Log) -> None:
-    """The pending rows of one seed on its data: SASRec first (trained once), then the item table, then the rows."""
-    def say(message: str) -> None:  # a line above the bar, not through it
-        with bar.external_write_mode():
-            log(str(message))
+def _worker_prepare(study: Study, seed: int, kinds: frozenset[str]) -> list[str]:
+    lines: list[str] = []
+    seed_inputs(study, seed, kinds, lambda m: lines.append(f"seed {seed}: {m}"))
+    return lines
 
-    seed_cfg = study.config(FULL, seed, study.seed_dir(seed))
-    inter, synthetic_table, data = load_sequences(seed_cfg)
-    kinds = {row.kind for row, _ in pending}
-    collab = "collab" in seed_cfg.model.modalities and seed_cfg.data.collab_features
-    sasrec = facts = None
-    if "sasrec" in kinds or ("speeder" in kinds and collab):
-        sasrec, facts = shared_sasrec(study.seed_dir(seed) / "sasrec", data, seed_cfg, say)
-    table = item_table(seed_cfg, inter, data, synthetic_table, sasrec=sasrec, log=say) if "speeder" in kinds else None
-    for row, key in pending:
-        bar.set_postfix_str(f"{row.id}, seed {seed}")
-        if row.kind == "speeder":
-            outcome = train_speeder(study.config(row, seed), data, table, say)
-        elif row.kind == "sasrec":
-            outcome = {"metrics": evaluate(sasrec, data, "test"),
-                       **{k: facts[k] for k in ("train_s", "steps", "loss_first", "loss_last", "loss_window")}}
-        else:
-            scorer = PopularityScorer(data) if row.kind == "popularity" else RandomScorer(data.num_items, seed)
-            outcome = {"metrics": evaluate(scorer, data, "test"), "train_s": 0.0, **loss_summary([])}
-        results["runs"].append(_record(row, seed, key, outcome))
-        results["protocol"] = protocol(data)
-        write_json(study.out / RESULTS, results)
-        say(f"{row.label}, seed {seed}: test HR@1 {outcome['metrics']['HR@1']:.4f}  NDCG@10 "
-            f"{outcome['metrics']['NDCG@10']:.4f}  ({outcome['train_s']:.1f}s of training)")
-        bar.update(1)
+
+def _worker_row(study: Study, row: Row, seed: int, kinds: frozenset[str]):
+    lines: list[str] = []
+    outcome, facts = run_row(study, row, seed, kinds, lambda m: lines.append(f"{row.id}, seed {seed}: {m}"),
+                             bars=False)
+    return outcome, facts, lines
+
+
+def _run_parallel(study: Study, todo: list[tuple[Row, int, dict[str, Any]]], kinds: Mapping[int, frozenset[str]],
+                  jobs: int, record: Callable[..., None], say: Log) -> None:
+    """``todo`` over ``jobs`` spawned processes: each seed's shared inputs first, its rows once they exist."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=study.apply_process_settings) as pool:
+        try:
+            waiting: dict[Future, tuple[str, Any]] = {}
+            for seed in dict.fromkeys(seed for _, seed, _ in todo):
+                waiting[pool.submit(_worker_prepare, study, seed, kinds[seed])] = ("prepare", seed)
+            while waiting:
+                finished, _ = wait(waiting, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    what, item = waiting.pop(future)
+                    if what == "prepare":
+                        for line in future.result():
+                            say(line)
+                        for row, seed, key in todo:
+                            if seed == item:
+                                waiting[pool.submit(_worker_row, study, row, seed, kinds[seed])] = ("row", (row, seed, key))
+                    else:
+                        outcome, facts, lines = future.result()
+                        for line in lines:
+                            say(line)
+                        record(*item, outcome, facts)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # the runs in flight finish; nothing new starts
+            raise
 
 
 def protocol(data: SequenceData) -> dict[str, Any]:

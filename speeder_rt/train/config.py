@@ -155,7 +155,8 @@ def run_config_from_dict(raw: Mapping[str, Any] | None, where: str = "config") -
     return cfg
 
 
-def load_run_config(path: str | Path) -> RunConfig:
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A run-config file's mapping as parsed (checked by ``run_config_from_dict``, not here)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: config file not found")
@@ -165,4 +166,10 @@ def load_run_config(path: str | Path) -> RunConfig:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
         raise ValueError(f"{path}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
-    return run_config_from_dict(raw, str(path))
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ValueError(f"{path}: a mapping of config sections expected, got {type(raw).__name__}")
+    return dict(raw or {})
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    return run_config_from_dict(read_config_file(path), str(path))

@@ -3,9 +3,10 @@
 Each request is one user: a history of 1..10 items (uniform) and 20 candidates, so Triton's dynamic batcher has to
 merge requests of different widths (ragged inputs, padded server-side). Measured: requests/s over the whole run,
 p50 / p99 latency per request, the average server batch (requests / executions of the ``speeder`` model, from the
-metrics endpoint) and errors. The server runs with its defaults (the export's max batch 64, 2 ms queue delay, one
-instance) on a tiny random-init Speeder exported to ONNX. The clients run in this process (asyncio gRPC, one
-channel each), on the same machine as the server.
+metrics endpoint), errors, and the CPU seconds the clients themselves took. The server runs with its defaults (the
+export's max batch 64, 2 ms queue delay, one instance, one ONNX Runtime thread) on a tiny random-init Speeder
+exported to ONNX, plus the ``speeder_rt.serve`` flags in ``SERVE_ARGS`` (e.g. ``SERVE_ARGS="--instances 2"``).
+The clients run in this process (asyncio gRPC, one channel each), on the same machine as the server.
 
 Goal on the 2-core CPU: >= 1,000 requests/s at an average server batch >= 16, with 0 errors; the test fails
 when a goal is missed (the figures are printed either way).
@@ -17,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
+import shlex
 import signal
 import socket
 import subprocess
@@ -41,6 +44,7 @@ from speeder_rt.model import BackboneConfig, SpeederConfig, SpeederModel  # noqa
 REQUESTS, CLIENTS, MAX_HISTORY, CANDIDATES, N_ITEMS = 5000, 64, 10, 20, 2048
 GOAL_RPS, GOAL_BATCH = 1000, 16
 START_TIMEOUT_S = 300
+SERVE_ARGS = shlex.split(os.environ.get("SERVE_ARGS", ""))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,7 @@ def server(tmp_path_factory):
         s.close()
     log = open(work / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "speeder_rt.serve", "--export", str(work / "onnx"), "--http-port",
-                             str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                             str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), *SERVE_ARGS],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(work)})
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -127,20 +131,27 @@ async def load(url: str, requests: list[list]) -> tuple[float, list[float], int]
     return time.perf_counter() - start, latencies, errors
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (the clients)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def test_serving_throughput(benchmark, server) -> None:
     rng = np.random.default_rng(0)
     warmup = [request_inputs(rng) for _ in range(256)]
     asyncio.run(load(server["grpc"], warmup))
     requests = [request_inputs(rng) for _ in range(REQUESTS)]
-    before = counters(server["metrics"])
+    before, cpu_before = counters(server["metrics"]), cpu_seconds()
     wall, latencies, errors = benchmark.pedantic(lambda: asyncio.run(load(server["grpc"], requests)), rounds=1,
                                                  iterations=1)
-    after = counters(server["metrics"])
+    client_cpu_s, after = cpu_seconds() - cpu_before, counters(server["metrics"])
     batch = (after[0] - before[0]) / max(1.0, after[1] - before[1])
     figures = {"requests": REQUESTS, "clients": CLIENTS, "requests_per_s": round(REQUESTS / wall, 1),
                "p50_ms": round(float(np.percentile(latencies, 50)) * 1e3, 2),
                "p99_ms": round(float(np.percentile(latencies, 99)) * 1e3, 2),
-               "average_server_batch": round(batch, 2), "errors": errors}
+               "average_server_batch": round(batch, 2), "errors": errors, "wall_s": round(wall, 2),
+               "client_cpu_s": round(client_cpu_s, 2), "serve_args": " ".join(SERVE_ARGS) or "defaults"}
     benchmark.extra_info.update(figures)
     print("\nserving:", ", ".join(f"{k}={v}" for k, v in figures.items()))
     assert errors == 0

@@ -203,6 +203,21 @@ HISTORIES = [[3, 17, 5], [8], [0, 1, 2, 3, 4, 5, 6, 7], [44, 0], [9, 9, 10], [11
 CANDIDATES = np.random.default_rng(0).integers(0, 120, size=(6, 7))
 
 
+def test_recommender_threads_set_onnx_runtimes_threads_and_keep_the_scores(onnx_dir):
+    """``threads``: what the Python backend passes (one process per instance): ORT's intra-op threads, no
+    spin-waiting, the same scores."""
+    one = Recommender.load(onnx_dir, threads=1)
+    for session in (one.runner._scores, one.runner._topk):
+        options = session.get_session_options()
+        assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    default = Recommender.load(onnx_dir)
+    np.testing.assert_array_equal(one.recommend(HISTORIES, CANDIDATES), default.recommend(HISTORIES, CANDIDATES))
+    np.testing.assert_array_equal(one.topk(HISTORIES, k=3)[0], default.topk(HISTORIES, k=3)[0])
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        Recommender.load(onnx_dir, threads=0)
+
+
 @pytest.mark.parametrize("engine", ["onnx", pytest.param("aoti", marks=pytest.mark.slow)])
 def test_recommender_serves_the_export_like_the_pytorch_model(engine, model, request):
     rec = Recommender.load(request.getfixturevalue(f"{engine}_dir"))

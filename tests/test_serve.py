@@ -31,7 +31,8 @@ from tiny_model import tiny_speeder  # noqa: E402
 from speeder_rt.export import export_model  # noqa: E402
 from speeder_rt.export.graph import Ranges  # noqa: E402
 from speeder_rt.runtime import Recommender, RequestError  # noqa: E402
-from speeder_rt.serve.server import Endpoints, check_ports  # noqa: E402
+from speeder_rt.serve import __main__ as serve_cli  # noqa: E402
+from speeder_rt.serve.server import Endpoints, check_ports, write_repository  # noqa: E402
 
 N_ITEMS, RANGES, TOPK = 120, Ranges(max_batch=32, max_history=8, max_candidates=20), 5
 START_TIMEOUT_S = 240  # a cold start imports torch in three processes; this 2-core machine is shared
@@ -295,6 +296,23 @@ def test_a_port_in_use_is_refused_with_a_clear_message(export_dir, tmp_path):
     assert not processes_naming(str(tmp_path))
 
 
+def test_the_flags_edit_the_served_copy_of_the_repository_and_bad_values_are_refused(export_dir, tmp_path, capsys):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    write_repository(export_dir, tmp_path / "repo", max_batch=16, queue_delay_us=500, instances=2, threads=3)
+    for model in ("speeder", "speeder_topk"):
+        config = text_format.Parse((tmp_path / "repo" / model / "config.pbtxt").read_text(),
+                                   model_config_pb2.ModelConfig())
+        assert (config.max_batch_size, config.dynamic_batching.max_queue_delay_microseconds) == (16, 500)
+        assert [g.count for g in config.instance_group] == [2]
+        assert config.parameters["threads"].string_value == "3"
+        assert config.parameters["export_dir"].string_value == str(export_dir.resolve())
+    for flag in ("--threads", "--instances", "--max-batch"):
+        assert serve_cli.main(["--export", str(export_dir), flag, "0"]) == 2
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_the_wheels_tritonserver_loads_the_exported_python_repository(export_dir, rec, tmp_path):
     """The repository exactly as the exporter wrote it (config.pbtxt, 1/model.py, export_dir "../..")."""
     script = ("import sys; from pathlib import Path; from speeder_rt.serve.server import Endpoints, serve_repository; "
@@ -306,6 +324,7 @@ def test_the_wheels_tritonserver_loads_the_exported_python_repository(export_dir
         config = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{srv.http_port}/v2/models/speeder/config",
                                                    timeout=10).read())
         assert config["backend"] == "python" and config["max_batch_size"] == RANGES.max_batch
+        assert config["parameters"]["threads"]["string_value"] == "1"  # one engine thread per instance process
         assert [i["name"] for i in config["input"]] == ["history_ids", "history_mask", "candidate_ids"]
         module, client = clients(srv)["http"]
         ids, mask = padded(HISTORIES)

@@ -216,19 +216,29 @@ def _write_triton(tmp: Path, engine: str, ranges: Ranges, topk: int, device: str
                                         triton_repo.Serving(ranges.max_batch))
 
 
-def _runner(engine: str, root: Path, artifacts: dict[str, str], topk: int, device: str) -> Runner:
+def _runner(engine: str, root: Path, artifacts: dict[str, str], topk: int, device: str,
+            threads: int | None = None) -> Runner:
+    topk_path = root / artifacts["topk"] if "topk" in artifacts else None
     if engine == "onnx":
-        from speeder_rt.export.onnx_engine import OnnxRunner as cls
-    elif engine == "aoti":
+        from speeder_rt.export.onnx_engine import OnnxRunner
+
+        return OnnxRunner(root / artifacts["scores"], topk_path, topk, device, threads)
+    if threads is not None:
+        torch.set_num_threads(threads)  # AOTInductor's CPU kernels run on torch's intra-op pool
+    if engine == "aoti":
         from speeder_rt.export.aoti_engine import AotiRunner as cls
     else:
         from speeder_rt.export.trt_engine import TrtRunner as cls
-    topk_path = root / artifacts["topk"] if "topk" in artifacts else None
     return cls(root / artifacts["scores"], topk_path, topk, device)
 
 
-def load_runner(directory: str | Path, device: str | None = None) -> tuple[Runner, dict[str, Any]]:
-    """(runner, export.json) of an export directory; ``device`` overrides the exported one (onnx only)."""
+def load_runner(directory: str | Path, device: str | None = None, threads: int | None = None
+                ) -> tuple[Runner, dict[str, Any]]:
+    """(runner, export.json) of an export directory; ``device`` overrides the exported one (onnx only);
+    ``threads``: the engine's CPU threads (ONNX Runtime's per session, without spin-waiting; for the other
+    engines torch's process-wide intra-op threads), None for the engine's default."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     directory = Path(directory)
     meta_path = directory / "export.json"
     if not meta_path.is_file():
@@ -242,7 +252,7 @@ def load_runner(directory: str | Path, device: str | None = None) -> tuple[Runne
     if device is not None and meta["engine"] != "onnx" and device != meta["device"]:
         raise ValueError(f"{directory}: a {meta['engine']} export is compiled for {meta['device']}; it cannot run "
                          f"on {device} (only ONNX exports choose their device at load time)")
-    return _runner(meta["engine"], directory, artifacts, meta["topk"], device or meta["device"]), meta
+    return _runner(meta["engine"], directory, artifacts, meta["topk"], device or meta["device"], threads), meta
 
 
 def _meta(model: SpeederModel, engine: str, dtype: str, ranges: Ranges, topk: int, attn_backend: str, device: str,

@@ -51,6 +51,7 @@ class Serving:
     max_batch_size: int
     queue_delay_us: int = 2000
     instances: int = 1
+    threads: int = 1  # the Python backend's engine threads per instance (Recommender.load's ``threads``)
     kind: str = "KIND_CPU"  # KIND_GPU for models placed on a GPU by the backend (TensorRT, ONNX Runtime on CUDA)
 
 
@@ -113,4 +114,4 @@ def write_python_repository(repo: Path, export_dir: str, topk: int, serving: Ser
         _write(directory / "1" / "model.py", PYTHON_MODEL)
         _write(directory / "config.pbtxt", config_pbtxt(
             MODEL_NAMES[graph], 'backend: "python"', serving, tensor_specs(spec["inputs"]), tensor_specs(spec["outputs"]),
-            {"export_dir": export_dir, "graph": graph}, ragged=True))
+            {"export_dir": export_dir, "graph": graph, "threads": str(serving.threads)}, ragged=True))

@@ -61,17 +61,23 @@ class Recommender:
         self.contract = RequestContract(num_items, ranges.max_history, ranges.max_candidates, runner.topk_k)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None, max_topk: int = 100) -> Recommender:
+    def load(cls, path: str | Path, device: str | None = None, max_topk: int = 100,
+             threads: int | None = None) -> Recommender:
         """An export directory (engine from its export.json), or a Speeder model directory (PyTorch, top-k up to
         ``max_topk``; a pickled checkpoint is refused unread). ``device``: for ONNX Runtime and model
-        directories; packages and plans keep their own."""
+        directories; packages and plans keep their own. ``threads``: the engine's CPU threads (see
+        ``speeder_rt.export.load_runner``; for a model directory torch's), None for the engine's default."""
         path = Path(path)
         if path.is_dir() and not (path / "config.json").is_file():
             if not (path / "export.json").is_file():
                 raise ValueError(f"{path}: neither an export directory (no export.json) nor a model directory "
                                  "(no config.json)")
-            runner, meta = load_runner(path, device)
+            runner, meta = load_runner(path, device, threads)
             return cls(runner, meta["num_items"], Ranges(**meta["ranges"]), meta["engine"], meta)
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
         model = load_speeder(path)
         k = min(max_topk, model.num_items)
         runner = TorchRunner(model, k, device or "cpu")

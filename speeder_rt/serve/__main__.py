@@ -1,8 +1,8 @@
 """python -m speeder_rt.serve --export DIR [--host 127.0.0.1] [--http-port 8000] [--grpc-port 8001]
-[--metrics-port 8002] [--max-batch N] [--queue-delay-us US] [--instances N]
+[--metrics-port 8002] [--max-batch N] [--queue-delay-us US] [--instances N] [--threads N]
 
-Batching settings left out keep the export's (model_repository_python/*/config.pbtxt: its max batch, a 2 ms
-queue delay, one instance).
+Settings left out keep the export's (model_repository_python/*/config.pbtxt: its max batch, a 2 ms queue delay,
+one instance, one engine thread per instance).
 
 Exit status: 0 stopped by SIGINT / SIGTERM; 1 the server died; 2 bad setup (export, ports, environment).
 """
@@ -30,11 +30,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long a request may wait for others to join its batch (default: the export's, 2000)")
     parser.add_argument("--instances", type=int, default=None,
                         help="model instances (processes) per model (default: the export's, 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="the engine's CPU threads per instance (default: the export's, 1)")
     args = parser.parse_args(argv)
     endpoints = Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port)
     log = lambda line: print(line, flush=True)  # noqa: E731
     try:
-        return serve(args.export, endpoints, args.max_batch, args.queue_delay_us, args.instances, log=log)
+        return serve(args.export, endpoints, args.max_batch, args.queue_delay_us, args.instances, args.threads,
+                     log=log)
     except ServeError as e:
         print(f"speeder_rt.serve: error: {e}", file=sys.stderr)
         return 2

@@ -92,7 +92,7 @@ def check_ports(endpoints: Endpoints) -> None:
 
 
 def write_repository(export_dir: Path, repo: Path, max_batch: int | None = None, queue_delay_us: int | None = None,
-                     instances: int | None = None) -> dict:
+                     instances: int | None = None, threads: int | None = None) -> dict:
     """The export's ``model_repository_python/`` copied to ``repo`` with the absolute path of ``export_dir`` and these
     batching settings (None keeps the exported one); returns the export's ``export.json``.
     The configs are edited through Triton's own ``ModelConfig`` schema (tritonclient's protobuf)."""
@@ -107,7 +107,7 @@ def write_repository(export_dir: Path, repo: Path, max_batch: int | None = None,
         raise ServeError(f"--export {export_dir}: no {PYTHON_REPOSITORY}/ (exported by an older speeder_rt); "
                          "export it again")
     for flag, value, low in (("--max-batch", max_batch, 1), ("--queue-delay-us", queue_delay_us, 0),
-                             ("--instances", instances, 1)):
+                             ("--instances", instances, 1), ("--threads", threads, 1)):
         if value is not None and value < low:
             raise ServeError(f"{flag} must be >= {low}, got {value}")
     for model in sorted(p for p in source.iterdir() if (p / "config.pbtxt").is_file()):
@@ -118,6 +118,8 @@ def write_repository(export_dir: Path, repo: Path, max_batch: int | None = None,
             config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
         for group in config.instance_group if instances is not None else ():
             group.count = instances
+        if threads is not None:
+            config.parameters["threads"].string_value = str(threads)
         config.parameters["export_dir"].string_value = str(export_dir.resolve())
         shutil.copytree(model, repo / model.name)
         (repo / model.name / "config.pbtxt").write_text(text_format.MessageToString(config), encoding="utf-8")
@@ -167,13 +169,13 @@ def serve_repository(repository: Path, endpoints: Endpoints, log: Callable[[str]
 
 
 def serve(export_dir: Path, endpoints: Endpoints, max_batch: int | None = None, queue_delay_us: int | None = None,
-          instances: int | None = None, log: Callable[[str], None] = print) -> int:
+          instances: int | None = None, threads: int | None = None, log: Callable[[str], None] = print) -> int:
     """``python -m speeder_rt.serve``: the export's repository with these batching settings, written to a temporary
     directory and served (``serve_repository``). ServeError for a bad setup (nothing started)."""
     check_environment()
     with tempfile.TemporaryDirectory(prefix="speeder_rt_serve_") as tmp:
         repository = Path(tmp) / PYTHON_REPOSITORY
-        meta = write_repository(export_dir.resolve(), repository, max_batch, queue_delay_us, instances)
+        meta = write_repository(export_dir.resolve(), repository, max_batch, queue_delay_us, instances, threads)
         log(f"speeder_rt.serve: {meta['engine']} export {export_dir} ({meta['num_items']} items, ranges "
             f"{meta['ranges']}, top-k {meta['topk']})")
         code = serve_repository(repository, endpoints, log)

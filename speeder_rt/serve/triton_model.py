@@ -1,7 +1,8 @@
 """The model of Triton's Python backend for a speeder_rt export (``model_repository_python/*/1/model.py`` imports it).
 
 Each model instance loads the export with ``Recommender`` (its ``export_dir`` parameter, relative to the model's
-directory or absolute; ``graph``: ``scores`` for ``speeder``, ``topk`` for ``speeder_topk``) and answers each
+directory or absolute; ``graph``: ``scores`` for ``speeder``, ``topk`` for ``speeder_topk``; ``threads``: the
+engine's CPU threads, 1 by default, as each instance is a process of its own) and answers each
 batch of requests with one runtime call (``batch.answer``). A bad request gets ``INVALID_ARG`` (HTTP 400,
 gRPC INVALID_ARGUMENT) with the runtime's message and no traceback; the other requests of its batch are
 answered as if it had not been there. Only importable inside Triton's Python backend stub.
@@ -33,7 +34,7 @@ class TritonPythonModel:
         if self.graph not in INPUTS:
             raise ValueError(f"parameter graph={self.graph!r}: must be one of {sorted(INPUTS)}")
         export_dir = (Path(args["model_repository"]) / params["export_dir"]).resolve()  # an absolute one stays
-        self.recommender = Recommender.load(export_dir)
+        self.recommender = Recommender.load(export_dir, threads=int(params.get("threads", "1")))
         self.logger = pb_utils.Logger
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -204,13 +204,15 @@ def _holding() -> Iterator[None]:
         _held.clear()
 
 
-def seed_inputs(study: Study, seed: int, kinds: frozenset[str], log: Log) -> SeedInputs:
+def seed_inputs(study: Study, seed: int, kinds: frozenset[str], log: Log, bars: bool = True) -> SeedInputs:
     """The seed's shared inputs for rows of ``kinds``: SASRec trained once and the item table built once, both
-    kept in the seed's directory (so another process, or a resumed study, reads them instead)."""
+    kept in the seed's directory (so another process, or a resumed study, reads them instead); ``bars``: their
+    progress bars, as the config says."""
     key = (str(study.out), seed, kinds)
     if key in _held:
         return _held[key]
     seed_cfg = study.config(FULL, seed, study.seed_dir(seed))
+    seed_cfg.train.progress = seed_cfg.train.progress and bars
     inter, synthetic_table, data = load_sequences(seed_cfg)
     collab = "collab" in seed_cfg.model.modalities and seed_cfg.data.collab_features
     sasrec = facts = None
@@ -225,7 +227,7 @@ def seed_inputs(study: Study, seed: int, kinds: frozenset[str], log: Log) -> See
 def run_row(study: Study, row: Row, seed: int, kinds: frozenset[str], log: Log, bars: bool = True
             ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the outcome of ``row`` for ``seed``, the protocol facts); ``bars``: the trainer's own progress bars."""
-    inputs = seed_inputs(study, seed, kinds, log)
+    inputs = seed_inputs(study, seed, kinds, log, bars)
     if row.kind == "speeder":
         cfg = study.config(row, seed)
         cfg.train.progress = cfg.train.progress and bars
@@ -296,7 +298,7 @@ def run_study(study: Study, log: Log = print, progress: bool = True, jobs: int =
 
 def _worker_prepare(study: Study, seed: int, kinds: frozenset[str]) -> list[str]:
     lines: list[str] = []
-    seed_inputs(study, seed, kinds, lambda m: lines.append(f"seed {seed}: {m}"))
+    seed_inputs(study, seed, kinds, lambda m: lines.append(f"seed {seed}: {m}"), bars=False)
     return lines
 
 

@@ -11,7 +11,9 @@ Layout of the study directory ``DIR``::
 A run already in ``results.json`` is not run again, as long as its recorded config is the one the row has now
 (else the study stops and says which key differs). Each Speeder row is evaluated at its best validation
 NDCG@10 checkpoint (``best/``), as SASRec keeps its best validation epoch; test split, the config's candidates.
-One study writes a directory at a time (a lock held while it runs).
+One study writes a directory at a time (a lock held while it runs). With ``jobs`` > 1 the runs train in spawned
+worker processes, which write only their seed's and row's directories; ``results.json`` is written by the study's
+own process alone.
 """
 from __future__ import annotations
 

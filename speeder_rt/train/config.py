@@ -167,7 +167,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         line = f" line {mark.line + 1}" if mark is not None else ""
         raise ValueError(f"{path}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
     if raw is not None and not isinstance(raw, Mapping):
-        raise ValueError(f"{path}: a mapping of config sections expected, got {type(raw).__name__}")
+        raise ConfigError(f"the top level must be a mapping of sections, got {type(raw).__name__}", where=str(path))
     return dict(raw or {})
 
 

@@ -232,13 +232,18 @@ def _runner(engine: str, root: Path, artifacts: dict[str, str], topk: int, devic
     return cls(root / artifacts["scores"], topk_path, topk, device)
 
 
+def check_threads(threads: int | None) -> None:
+    """ValueError unless ``threads`` (an engine's CPU threads) is None or >= 1."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+
+
 def load_runner(directory: str | Path, device: str | None = None, threads: int | None = None
                 ) -> tuple[Runner, dict[str, Any]]:
     """(runner, export.json) of an export directory; ``device`` overrides the exported one (onnx only);
     ``threads``: the engine's CPU threads (ONNX Runtime's per session, without spin-waiting; for the other
     engines torch's process-wide intra-op threads), None for the engine's default."""
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+    check_threads(threads)
     directory = Path(directory)
     meta_path = directory / "export.json"
     if not meta_path.is_file():
@@ -291,4 +296,4 @@ def _meta(model: SpeederModel, engine: str, dtype: str, ranges: Ranges, topk: in
 
 
 __all__ = ["ENGINES", "ExportError", "ExportResult", "ParityError", "Ranges", "ScoringGraph", "TopKGraph",
-           "default_atol", "export_checkpoint", "export_model", "load_runner", "load_speeder"]
+           "check_threads", "default_atol", "export_checkpoint", "export_model", "load_runner", "load_speeder"]

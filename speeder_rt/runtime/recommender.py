@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from speeder_rt.export import load_runner, load_speeder
+from speeder_rt.export import check_threads, load_runner, load_speeder
 from speeder_rt.export.graph import Ranges, Runner, ScoringGraph, TopKGraph
 from speeder_rt.model.speeder import SpeederModel
 from speeder_rt.runtime.validation import Ids, RequestContract
@@ -74,9 +74,8 @@ class Recommender:
                                  "(no config.json)")
             runner, meta = load_runner(path, device, threads)
             return cls(runner, meta["num_items"], Ranges(**meta["ranges"]), meta["engine"], meta)
+        check_threads(threads)
         if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         model = load_speeder(path)
         k = min(max_topk, model.num_items)

@@ -84,8 +84,8 @@ def plan(raw: Mapping[str, Any], where: str, out: str | Path, seeds: list[int], 
         raise ValueError(f"--seeds: distinct integers >= 0 expected, got {seeds}")
     if history_len is not None and history_len < 1:
         raise ValueError(f"--history-len: an integer >= 1 expected, got {history_len}")
+    base = run_config_from_dict(raw, where)  # also the check that ``raw`` is a mapping
     raw = dict(raw)
-    base = run_config_from_dict(raw, where)
     extra = history_overrides(base, history_len) if history_len is not None else {}
     base = run_config_from_dict(merged(raw, extra), where)
     study = Study(raw, where, extra, study_rows(raw, base, rows, where, extra), list(seeds), Path(out))

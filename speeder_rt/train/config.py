@@ -155,8 +155,8 @@ def run_config_from_dict(raw: Mapping[str, Any] | None, where: str = "config") -
     return cfg
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A run-config file's mapping as parsed (checked by ``run_config_from_dict``, not here)."""
+def read_config_file(path: str | Path) -> Any:
+    """A run-config file as parsed ({} for an empty one); checked by ``run_config_from_dict``, not here."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: config file not found")
@@ -166,9 +166,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
         raise ValueError(f"{path}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
-    if raw is not None and not isinstance(raw, Mapping):
-        raise ConfigError(f"the top level must be a mapping of sections, got {type(raw).__name__}", where=str(path))
-    return dict(raw or {})
+    return {} if raw is None else raw
 
 
 def load_run_config(path: str | Path) -> RunConfig:

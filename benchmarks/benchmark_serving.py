@@ -37,8 +37,8 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 import tritonclient.grpc.aio as grpc_aio  # noqa: E402
 
 from speeder_rt.data import SyntheticConfig, generate_synthetic  # noqa: E402
-from speeder_rt.export import export_model  # noqa: E402
-from speeder_rt.export.graph import Ranges  # noqa: E402
+from speeder_rt.export.exporter import export_model  # noqa: E402
+from speeder_rt.export.format import Ranges  # noqa: E402
 from speeder_rt.model import BackboneConfig, SpeederConfig, SpeederModel  # noqa: E402
 
 REQUESTS, CLIENTS, MAX_HISTORY, CANDIDATES, N_ITEMS = 5000, 64, 10, 20, 2048

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from speeder_rt.data import ItemTable
-from speeder_rt.model.pretrained import ResumeState, named_optimizer_state, save_model_dir
 from speeder_rt.train.config import run_config_from_dict
-from speeder_rt.train.trainer import build_model, phase_parameters, recorded_config, run_phases
+from speeder_rt.train.kinds import kind_named
+from speeder_rt.train.resume import ResumeState, named_optimizer_state, save_checkpoint
+from speeder_rt.train.trainer import recorded_config
 
 OLD_FIELDS = ("kind", "config", "model", "progress")
 
@@ -46,12 +47,12 @@ def convert(old: str | Path, new: str | Path, items: str | Path | None = None, f
     if not (items / "items.json").is_file():
         raise ValueError(f"{items}: no item table there (the one {old} was trained with); pass --items DIR")
     table = ItemTable.load(items)
-    model = build_model(kind, cfg, table, torch.device("cpu"))
+    model = kind_named(kind).build(cfg, table, torch.device("cpu"))
     optimizer = None
     if "optimizer" in ckpt:  # the optimizer of the phase the run was in (the last one once it finished)
-        phases = run_phases(kind, cfg)
+        phases = kind_named(kind).phases(cfg)
         phase = phases[min(ckpt["progress"]["phase"], len(phases) - 1)]
-        optimizer = torch.optim.AdamW(phase_parameters(model, kind, phase), lr=phase.lr,
+        optimizer = torch.optim.AdamW(kind_named(kind).phase_parameters(model, phase), lr=phase.lr,
                                       weight_decay=cfg.train.weight_decay)
     own = model.state_dict()
     for name in getattr(model, "item_table_buffers", dict)():
@@ -73,7 +74,7 @@ def convert(old: str | Path, new: str | Path, items: str | Path | None = None, f
         rng.update((f"cuda:{i}", s) for i, s in enumerate(ckpt.get("cuda_rng") or []))
         resume = ResumeState(progress, named_optimizer_state(model, optimizer), ckpt["scheduler"], rng,
                              {"last_valid": {}, "intra_op_threads": None})
-    out = save_model_dir(new, model, run_config=recorded_config(cfg), resume=resume)
+    out = save_checkpoint(new, model, run_config=recorded_config(cfg), resume=resume)
     log(f"wrote {out} ({kind}{', with resume state' if resume else ''})")
     return out
 

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from speeder_rt.data import SyntheticConfig, generate_synthetic
-from speeder_rt.export import export_model
-from speeder_rt.export.graph import Ranges
+from speeder_rt.export.exporter import export_model
+from speeder_rt.export.format import Ranges
 from speeder_rt.model import BackboneConfig, SpeederConfig, SpeederModel
 
 NUM_ITEMS, TOPK = 120, 5

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from speeder_rt.kernels import cpp_ops
-from speeder_rt.model.prompt import assemble_inputs_embeds_reference
+from speeder_rt.kernels.prompt_layout import assemble_inputs_embeds_reference
 
 needs_ext = pytest.mark.skipif(not cpp_ops.HAS_EXTENSION,
                                reason="speeder_rt._C is not built (make test, or pip install --no-build-isolation -e .)")

@@ -4,6 +4,7 @@ through the example program examples/cpp_serving (built by CMake), both against 
 ``make test`` builds both (the extension with pip, the runtime and example with CMake into build/cpp; set
 SPEEDER_RT_CPP_BUILD to use another CMake build directory); without them these tests skip with a reason.
 """
+import json
 import os
 import re
 import subprocess
@@ -15,7 +16,8 @@ import pytest
 from bad_requests import BAD_REQUESTS
 import torch
 
-from speeder_rt.export import export_checkpoint
+from speeder_rt.export.exporter import export_checkpoint
+from speeder_rt.export.format import EXPORT_JSON, FORMAT_VERSION, LEGACY_VERSION_KEY, VERSION_KEY
 from speeder_rt.runtime import Recommender
 from speeder_rt.runtime.cpp import CppRecommender, available
 from speeder_rt.runtime.validation import RequestError
@@ -118,10 +120,11 @@ def test_bad_topk_batch_and_load_requests_raise(cpp_rec, tmp_path):
     with pytest.raises(ValueError, match="not an export directory") as caught:
         CppRecommender.load(tmp_path)
     assert not isinstance(caught.value, RequestError)  # a load error, not a request's
-    (tmp_path / "export.json").write_text('{"format": 1, "engine": "onnx"}')
-    with pytest.raises(ValueError, match=r"engine 'onnx'; the C\+\+ runtime serves AOTInductor exports"):
-        CppRecommender.load(tmp_path)
-    (tmp_path / "export.json").write_text('{"format": 1, "engine": ')
+    for key in (VERSION_KEY, LEGACY_VERSION_KEY):  # the version key, and the one of exports written before it
+        (tmp_path / EXPORT_JSON).write_text(json.dumps({key: FORMAT_VERSION, "engine": "onnx"}))
+        with pytest.raises(ValueError, match=r"engine 'onnx'; the C\+\+ runtime serves AOTInductor exports"):
+            CppRecommender.load(tmp_path)
+    (tmp_path / EXPORT_JSON).write_text(f'{{"{VERSION_KEY}": {FORMAT_VERSION}, "engine": ')
     with pytest.raises(RuntimeError, match="JSON: unexpected end"):
         CppRecommender.load(tmp_path)
     assert cpp_rec.recommend([[1]], [[2]]).shape == (1, 1)  # still serving

@@ -31,7 +31,8 @@ import yaml
 from safetensors.torch import load_file
 
 from speeder_rt.eval.protocol import evaluate
-from speeder_rt.model.pretrained import load_model_dir, read_resume_state
+from speeder_rt.train.kinds import load_model
+from speeder_rt.train.resume import read_resume_state
 from speeder_rt.train.config import run_config_from_dict
 from speeder_rt.train.data import prepare
 from speeder_rt.train.distributed import World, check_batch, eval_rows, micro_batches
@@ -232,7 +233,7 @@ def test_validation_metrics_equal_single_process_metrics_of_the_same_weights(dis
     kind = dict((n, k) for n, k, *_ in RUNS)[name]
     out, ranks = distributed_runs[name]
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
-    model = load_model_dir(out / kind / "last")  # single process, CPU: the files eval and export read
+    model = load_model(out / kind / "last")  # single process, CPU: the files eval and export read
     cfg = run_config_from_dict(yaml.safe_load((out.parent / f"{name}.yaml").read_text()))
     data, _ = prepare(cfg, log=lambda *_: None)
     if kind == "speeder":
@@ -272,7 +273,7 @@ def test_a_killed_rank_ends_the_job_and_leaves_the_last_checkpoint_intact(killed
     assert "SIGKILL" in output
     assert sorted(os.listdir(out / "speeder")) == ["best", "last"]  # no temporary or half-written directory
     assert read_resume_state(out / "speeder" / "last").progress["global_step"] == LAST_BEFORE_KILL
-    load_model_dir(out / "speeder" / "last")  # every file complete and checked
+    load_model(out / "speeder" / "last")  # every file complete and checked
 
 
 def test_resume_on_the_same_world_size_reproduces_the_uninterrupted_run_bit_for_bit(home, launch, killed,

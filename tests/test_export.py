@@ -9,7 +9,8 @@ from bad_requests import BAD_REQUESTS
 import torch
 
 from speeder_rt.export import __main__ as cli
-from speeder_rt.export import export_checkpoint, load_speeder, onnx_engine, trt_engine
+from speeder_rt.export import onnx_engine, trt_engine
+from speeder_rt.export.exporter import export_checkpoint, load_speeder
 from speeder_rt.export.graph import ParityCase
 from speeder_rt.runtime import Recommender
 from speeder_rt.train.config import run_config_from_dict
@@ -319,7 +320,7 @@ def test_cli_trt_without_tensorrt_says_what_to_install_before_reading_the_checkp
 
 
 def _failing_parity(monkeypatch):
-    import speeder_rt.export as export
+    import speeder_rt.export.exporter as export
 
     real = export.check_parity
 

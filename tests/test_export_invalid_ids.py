@@ -11,8 +11,8 @@ import torch
 
 from tiny_model import tiny_speeder
 
-from speeder_rt.export import export_model
-from speeder_rt.export.graph import Ranges
+from speeder_rt.export.exporter import export_model
+from speeder_rt.export.format import Ranges
 
 N_ITEMS, RANGES, K = 120, Ranges(max_batch=8, max_history=8, max_candidates=20), 5  # the model's max_history is 12
 

@@ -18,7 +18,7 @@ from speeder_rt import convert as convert_cli
 from speeder_rt.eval import __main__ as eval_cli
 from speeder_rt.export import __main__ as export_cli
 from speeder_rt.model import SpeederModel
-from speeder_rt.model.pretrained import load_named_optimizer_state, named_optimizer_state
+from speeder_rt.train.resume import load_named_optimizer_state, named_optimizer_state
 from speeder_rt.runtime import Recommender
 from speeder_rt.train import __main__ as train_cli
 from speeder_rt.train.config import run_config_from_dict

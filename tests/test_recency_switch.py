@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from speeder_rt.data import SyntheticConfig, build_sequences, generate_synthetic
-from speeder_rt.export import export_model
-from speeder_rt.export.graph import Ranges, ScoringGraph, TopKGraph
+from speeder_rt.export.exporter import export_model
+from speeder_rt.export.format import Ranges
+from speeder_rt.export.graph import ScoringGraph, TopKGraph
 from speeder_rt.model import BackboneConfig, SpeederConfig, SpeederModel
 from speeder_rt.model.mpo import select_parameters
 from speeder_rt.model.speeder import batch_tensors

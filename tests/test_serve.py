@@ -28,8 +28,8 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from tiny_model import tiny_speeder  # noqa: E402
 
-from speeder_rt.export import export_model  # noqa: E402
-from speeder_rt.export.graph import Ranges  # noqa: E402
+from speeder_rt.export.exporter import export_model  # noqa: E402
+from speeder_rt.export.format import Ranges  # noqa: E402
 from speeder_rt.runtime import Recommender, RequestError  # noqa: E402
 from speeder_rt.serve import __main__ as serve_cli  # noqa: E402
 from speeder_rt.serve.server import Endpoints, check_ports, write_repository  # noqa: E402

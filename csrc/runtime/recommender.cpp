@@ -24,7 +24,10 @@ namespace fs = std::filesystem;
 using Loader = torch::inductor::AOTIModelPackageLoader;
 using Rows = std::vector<const std::vector<int64_t>*>;
 
-constexpr int64_t kFormatVersion = 1;  // speeder_rt.export.FORMAT_VERSION
+// speeder_rt.export.format: FORMAT_VERSION under VERSION_KEY, or LEGACY_VERSION_KEY in exports written before it
+constexpr int64_t kFormatVersion = 1;
+constexpr const char* kVersionKey = "format_version";
+constexpr const char* kLegacyVersionKey = "format";
 
 std::string read_text(const fs::path& path) {
   std::ifstream file(path, std::ios::binary);
@@ -111,9 +114,9 @@ Recommender::Recommender(const std::string& export_dir, const Options& options) 
   ExportInfo& info = impl_->info;
   info.directory = export_dir;
   info.engine = meta.at("engine").as_string();
-  if (meta.at("format").as_int() != kFormatVersion) {
-    throw std::invalid_argument(meta_path.string() + ": unknown export format " +
-                                std::to_string(meta.at("format").as_int()));
+  const int64_t version = meta.at(meta.contains(kVersionKey) ? kVersionKey : kLegacyVersionKey).as_int();
+  if (version != kFormatVersion) {
+    throw std::invalid_argument(meta_path.string() + ": unknown export format " + std::to_string(version));
   }
   if (info.engine != "aoti") {
     throw std::invalid_argument(meta_path.string() + ": engine '" + info.engine +

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from speeder_rt.eval.metrics import format_table
-from speeder_rt.eval.protocol import evaluate
 from speeder_rt.utils.io import write_json
 
 
@@ -22,20 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="metrics JSON (default: beside the model directory, "
                                       "<checkpoint>_metrics_<split>[_full_catalog].json)")
     args = parser.parse_args(argv)
-    from speeder_rt.model.pretrained import read_model_config
+    from speeder_rt.train.kinds import kind_of
     from speeder_rt.train.trainer import load_trained
 
     try:
-        if args.full_catalog and read_model_config(args.checkpoint)["model_kind"] != "speeder":
-            raise ValueError("the text-item baseline generates titles; it has no full-catalog ranking")
+        model_kind = kind_of(args.checkpoint)
+        if args.full_catalog and model_kind.full_catalog_refusal:
+            raise ValueError(model_kind.full_catalog_refusal)
         model, cfg, data, _, kind = load_trained(args.checkpoint)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if kind == "speeder":
-        metrics = evaluate(model, data, args.split, full_catalog=args.full_catalog)
-    else:
-        metrics = model.evaluate(data, args.split, limit=None)
+    metrics = model_kind.evaluate(model, data, args.split, args.full_catalog)
     mode = "full catalog" if args.full_catalog else f"{data.config.num_candidates} candidates"
     print(f"{kind} on {args.split} ({mode}, {len(data.split(args.split))} users):")
     columns = [c for c in ("VHR@1", "HR@1", "HR@5", "NDCG@10", "MRR", "valid_ratio") if c in metrics]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from speeder_rt.export import ENGINES, ExportError, ParityError, export_checkpoint
+from speeder_rt.export.exporter import ExportError, ParityError, export_checkpoint
+from speeder_rt.export.format import ENGINES
 from speeder_rt.export.graph import DTYPES, EXPORT_BACKENDS
 
 

@@ -12,11 +12,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from speeder_rt.export.graph import Ranges, export_program
+from speeder_rt.export.format import Ranges
 
 
 def export_aoti(graph: nn.Module, args: tuple[torch.Tensor, ...], ranges: Ranges, topk: bool, path: Path) -> None:
     """Compile ``graph`` into the package ``path`` (``.pt2``)."""
+    from speeder_rt.export.graph import export_program  # the model: only to export, not to load a package
+
     program = export_program(graph, args, ranges, topk)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch._inductor.aoti_compile_and_package(program, package_path=str(path))

@@ -32,57 +32,17 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from speeder_rt.export.format import Ranges, Runner
 from speeder_rt.model.speeder import SpeederModel
 
 EXPORT_BACKENDS = ("sdpa", "reference")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def io_specs(topk_k: int) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """Graph name -> inputs / outputs as {name, dtype, shape}; symbolic dims are named, the batch first."""
-    def spec(name: str, dtype: str, *shape: str | int) -> dict[str, Any]:
-        return {"name": name, "dtype": dtype, "shape": list(shape)}
-
-    history = [spec("history_ids", "int64", "batch", "history"), spec("history_mask", "bool", "batch", "history")]
-    specs = {"scores": {"inputs": history + [spec("candidate_ids", "int64", "batch", "candidates")],
-                        "outputs": [spec("scores", "float32", "batch", "candidates")]}}
-    if topk_k:
-        specs["topk"] = {"inputs": history, "outputs": [spec("item_ids", "int64", "batch", topk_k),
-                                                        spec("scores", "float32", "batch", topk_k)]}
-    return specs
-
-
-@dataclass
-class Ranges:
-    """Upper bounds of the dynamic dimensions; every lower bound is 1."""
-
-    max_batch: int = 64
-    max_history: int = 50
-    max_candidates: int = 100
-
-    def validate(self, model_max_history: int | None = None) -> None:
-        """ValueError naming the CLI flag for a bound < 1 or a history longer than the model allows."""
-        for name, value in asdict(self).items():
-            if value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if model_max_history is not None and self.max_history > model_max_history:
-            raise ValueError(f"--max-history {self.max_history} exceeds the model's max_history={model_max_history}")
-
-
-class Runner(Protocol):
-    """A loaded artifact: numpy in, numpy out (the shapes of ``ScoringGraph`` / ``TopKGraph``)."""
-
-    topk_k: int  # the exported k (0: no top-k graph)
-
-    def scores(self, history_ids: np.ndarray, history_mask: np.ndarray, candidate_ids: np.ndarray) -> np.ndarray: ...
-
-    def topk(self, history_ids: np.ndarray, history_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class _Slim(nn.Module):

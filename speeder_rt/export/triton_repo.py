@@ -10,7 +10,7 @@ shape only (no ragged inputs in these backends): clients that pad histories to o
 send one candidate count batch fully. Invalid ids give NaN scores (``graph`` module docstring).
 
 ``model_repository_python/`` (every engine): Triton's official Python backend, ``1/model.py`` importing
-``speeder_rt.serve.triton_model`` (the package must be installed in the backend's Python), which loads the
+``format.TRITON_MODEL_MODULE`` (the package must be installed in the backend's Python), which loads the
 export with ``Recommender``. Inputs allow ragged batches, so requests of any history width / candidate count
 batch together; bad requests get INVALID_ARG (HTTP 400) with the runtime's message. This is what
 ``python -m speeder_rt.serve`` runs, on the ``tritonserver`` that the ``nvidia-pytriton`` wheel carries.
@@ -26,14 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from speeder_rt.export.graph import io_specs
+from speeder_rt.export.format import MODEL_NAMES, PLATFORMS, TRITON_MODEL_MODULE, io_specs, model_dir
 
-PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "trt": ("tensorrt_plan", "model.plan")}
 TRITON_TYPES = {"int64": "TYPE_INT64", "bool": "TYPE_BOOL", "float32": "TYPE_FP32"}
-MODEL_NAMES = {"scores": "speeder", "topk": "speeder_topk"}
-ENGINE_REPOSITORY = "model_repository"
-PYTHON_REPOSITORY = "model_repository_python"
-PYTHON_MODEL = "from speeder_rt.serve.triton_model import TritonPythonModel  # noqa: F401  (Triton's Python backend)\n"
+PYTHON_MODEL = f"from {TRITON_MODEL_MODULE} import TritonPythonModel  # noqa: F401  (Triton's Python backend)\n"
 
 
 @dataclass
@@ -72,16 +68,6 @@ def config_pbtxt(name: str, runs_on: str, serving: Serving, inputs: list[TensorS
             + block("input", inputs) + block("output", outputs)
             + f"dynamic_batching {{\n  max_queue_delay_microseconds: {serving.queue_delay_us}\n}}\n"
             + f"instance_group [\n  {{\n    count: {serving.instances}\n    kind: {serving.kind}\n  }}\n]\n" + params)
-
-
-def model_dir(repo: Path, graph: str) -> Path:
-    """Directory of ``graph`` ('scores' or 'topk') in the repository ``repo``."""
-    return repo / MODEL_NAMES[graph]
-
-
-def artifact_path(repo: Path, graph: str, engine: str) -> Path:
-    """Where the exporter writes ``graph``'s model file for ``engine`` ('onnx' or 'trt')."""
-    return model_dir(repo, graph) / "1" / PLATFORMS[engine][1]
 
 
 def tensor_specs(specs: list[dict[str, Any]]) -> list[TensorSpec]:

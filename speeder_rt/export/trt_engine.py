@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speeder_rt.export.graph import Ranges
+from speeder_rt.export.format import Ranges
 
 INSTALL_HINT = ("TensorRT is not importable: on a CUDA machine run `pip install tensorrt` (NVIDIA's wheels, "
                 "from pypi.nvidia.com; TensorRT 10 or newer). The engines that work without it: onnx, aoti.")

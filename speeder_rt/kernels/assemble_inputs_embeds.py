@@ -1,6 +1,6 @@
 """Prompt assembly for inference: the whole ``inputs_embeds`` of a batch in one gather-and-add launch.
 
-The layout is ``speeder_rt.model.prompt.layout``'s: with template sizes (P, Mi, S_), history width W, K candidates
+The layout is ``speeder_rt.kernels.prompt_layout.layout``'s: with template sizes (P, Mi, S_), history width W, K candidates
 and ``L = P + W + Mi + K + S_ + 1``, sample b with ``n = history_len[b]`` real history items has, at position t,
 
     t < P                     embed_weight[template_ids[t]]                                        item_idx 0
@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from speeder_rt.kernels import prompt_layout
 from speeder_rt.kernels._checks import INTERPRET, check_tensors_on_one_device, shape, unit_last_stride
 from speeder_rt.kernels._library import launch, register_op
 
@@ -282,10 +283,7 @@ def assemble_inputs_embeds_reference(
     *,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``speeder_rt.model.prompt.assemble_inputs_embeds_reference`` (the plain PyTorch definition); ``validate``
-    is accepted for signature parity and ignored."""
-    # Imported here: importing speeder_rt.model loads the backbone stack, which the kernel itself does not need.
-    from speeder_rt.model.prompt import assemble_inputs_embeds_reference as reference
-
-    return reference(item_table, history, history_len, candidates, recency, candidate_embedding, template_ids,
+    """``prompt_layout.assemble_inputs_embeds_reference`` (the plain PyTorch definition); ``validate`` is accepted
+    for signature parity and ignored."""
+    return prompt_layout.assemble_inputs_embeds_reference(item_table, history, history_len, candidates, recency, candidate_embedding, template_ids,
                      embed_weight, template_sizes)

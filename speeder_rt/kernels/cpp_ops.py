@@ -10,7 +10,7 @@ AOTInductor trace them, with dynamic shapes, wherever the extension is loaded.
 
 Semantics, the same in every implementation:
 
-- ``assemble_inputs_embeds``: ``prompt.layout`` + ``prompt.assemble_inputs_embeds_reference`` with a precomputed
+- ``assemble_inputs_embeds``: ``prompt_layout.layout`` + ``prompt_layout.assemble_inputs_embeds_reference`` with a precomputed
   item-token table, i.e. what ``SpeederModel.prompt`` builds: history slot j (< n = history_len[b]) gets
   ``item_table[history[b, j]] + recency[n - 1 - j]``, candidates ``item_table[c] + candidate_embedding``, template
   positions ``embed_weight[template_ids[.]]``, padding zeros; the sums computed in float32 and rounded once, so
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from speeder_rt.model import prompt
+from speeder_rt.kernels import prompt_layout
 
 try:
     import speeder_rt._C  # noqa: F401  registers torch.ops.speeder.* (must come after torch)
@@ -83,7 +83,7 @@ def assemble_inputs_embeds(item_table: torch.Tensor, history: torch.Tensor, hist
         return torch.ops.speeder.assemble_inputs_embeds(*args, *(int(s) for s in template_sizes))
     if impl == "triton":
         return triton_assemble_inputs_embeds(*args, tuple(template_sizes))
-    return prompt.assemble_inputs_embeds_reference(*args, template_sizes)
+    return prompt_layout.assemble_inputs_embeds_reference(*args, template_sizes)
 
 
 # -- scoring -----------------------------------------------------------------------------------------------------

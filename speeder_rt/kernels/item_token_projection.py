@@ -75,6 +75,7 @@ import triton.language as tl
 from speeder_rt.kernels._checks import INTERPRET, check_tensors_on_one_device, shape, unit_last_stride
 from speeder_rt.kernels._library import launch, register_op
 from speeder_rt.kernels.determinism import deterministic_kernels
+from speeder_rt.kernels.mome_math import LN_EPS, mome_tokens
 
 __all__ = ["ExpertParams", "item_token_projection", "item_token_projection_reference", "mome_parameters"]
 
@@ -84,7 +85,6 @@ DEBUG_POISON_OUTPUTS = False
 
 MAX_MODALITIES = 4  # the kernels unroll one code path per modality
 _M_PAD = 16  # gate width padded to tl.dot's minimum
-_LN_EPS = 1e-5
 _SQRT1_2: tl.constexpr = tl.constexpr(1.0 / math.sqrt(2.0))
 _INV_SQRT_2PI: tl.constexpr = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
 # fp32 parameters multiply on the tensor cores in TF32 (10-bit mantissa, fp32 accumulation): IEEE fp32 dots have
@@ -726,7 +726,7 @@ def _projection_forward(
         *(e.ln_weight for e in ex4), *(e.ln_bias for e in ex4),
         *(e.w1 for e in ex4), *(e.w1.stride(0) for e in ex4), *(e.b1 for e in ex4),
         acts if needs_grad else hidden, hidden, z, z.stride(0), logit_part, stats,
-        seq, s_bucket, d_e, d_h, _LN_EPS,
+        seq, s_bucket, d_e, d_h, LN_EPS,
     ), dict(**dim_args, NUM_MOD=num_mod, STORE_A=needs_grad, M_PAD=_M_PAD), _NORM_UP_CONFIGS,
         deterministic=deterministic)
 
@@ -899,15 +899,12 @@ def item_token_projection_reference(
     *,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Plain PyTorch: ``SpeederModel.item_tokens``'s gather, then ``speeder_rt.model.mome.mome_tokens`` (the very
+    """Plain PyTorch: ``SpeederModel.item_tokens``'s gather, then ``speeder_rt.kernels.mome_math.mome_tokens`` (the very
     function ``MixtureOfModalityExperts.forward`` runs), computed in the parameters' dtype (fp64 parameters give the
     high-precision reference; the gate logits in at least fp32). Gradients by autograd. ``validate`` checks the
     index ranges; no other argument checks (any floating dtype, any device)."""
     if validate:
         _validate_ranges(ids, features[0].shape[0], extra_idx, 0 if extra_table is None else extra_table.shape[0])
-    # Imported here: importing speeder_rt.model loads the backbone stack, which the kernels themselves do not need.
-    from speeder_rt.model.mome import mome_tokens
-
     safe = ids.clamp(min=0)
     tokens, _ = mome_tokens([f[safe] for f in features], active[safe] & (ids >= 0)[:, None], experts, gate_w, gate_b)
     if extra_table is not None:

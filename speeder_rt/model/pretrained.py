@@ -8,8 +8,9 @@
                              ``features_<m>`` / ``available`` buffers) and less tied aliases (a tied LM head)
     DIR/items/               the ItemTable the model was trained with (``ItemTable.save``)
     DIR/backbone/            the LM's transformers config.json and, when it has one, its tokenizer's files
-    DIR/resume.json          (a trainer's last/ only) progress, scheduler state, optimizer param groups and
-                             non-tensor optimizer state, facts (last validation metrics, intra-op threads)
+    DIR/resume.json          (a trainer's last/ only; ``speeder_rt.train.resume``) progress, scheduler state,
+                             optimizer param groups and non-tensor optimizer state, facts (last validation
+                             metrics, intra-op threads)
     DIR/resume.safetensors   (last/ only) optimizer state tensors ``optimizer/<param>/<key>``, RNG ``rng/<device>``
 
 Loading reads only DIR: the backbone is built from backbone/config.json (no base weights, no network), its
@@ -17,17 +18,13 @@ weights come from model.safetensors, the features from items/. Every file is che
 a wrong dtype, a missing or extra tensor, a truncated body or a header that lies about sizes is an error
 naming the file and the tensor.
 
-The optimizer state is stored by parameter name, the layout
-``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` returns (``{"state": {name: {...}},
-"param_groups": [{..., "params": [names]}]}``), so a distributed run saves its gathered full state from rank 0
-with ``save_model_dir(path, model, state_dict=<full model state>, resume=ResumeState(optimizer=<full optimizer
-state>, ...))`` and a single-process ``--resume`` reads it like its own.
+A trainer's last/ adds its resume state (``speeder_rt.train.resume``) through ``save_model_dir``'s ``extra_files``.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -41,21 +38,8 @@ from speeder_rt.utils.io import atomic_dir, write_json
 from speeder_rt.utils.readers import read_json_fields, read_safetensors
 
 FORMAT_VERSION = 1
-MODEL_KINDS = ("speeder", "text_baseline")
 CONFIG, WEIGHTS, ITEMS, BACKBONE = "config.json", "model.safetensors", "items", "backbone"
-RESUME_JSON, RESUME_TENSORS = "resume.json", "resume.safetensors"
 LAYOUT = "a model directory (config.json, model.safetensors, items/)"
-
-
-@dataclass
-class ResumeState:
-    """What a trainer needs beyond the weights to continue a run exactly."""
-
-    progress: dict[str, Any]  # JSON values
-    optimizer: dict[str, Any]  # {"state": {param name: {key: tensor | number}}, "param_groups": [{..., "params": [names]}]}
-    scheduler: dict[str, Any]  # a JSON-serialisable lr_scheduler.state_dict()
-    rng: dict[str, torch.Tensor]  # "cpu" -> torch.get_rng_state(), "cuda:<i>" -> that device's state
-    facts: dict[str, Any] = field(default_factory=dict)  # JSON values (e.g. last validation metrics)
 
 
 class PretrainedModel:
@@ -76,7 +60,7 @@ class PretrainedModel:
     def from_pretrained(cls, path: str | Path):
         """The model of a directory written by ``save_pretrained`` (or a trainer's best/ or last/), on the CPU in
         eval mode; reads only that directory."""
-        return load_model_dir(path, cls.model_kind)
+        return load_model_dir(path, cls)
 
 
 # -- errors a caller sees before anything is read -------------------------------------------------------------
@@ -107,12 +91,11 @@ def file_refusal(path: Path) -> str:
 
 # -- config.json ----------------------------------------------------------------------------------------------
 def read_model_config(path: str | Path, kind: str | None = None) -> dict[str, Any]:
-    """config.json of a model directory, checked (format version, model kind; ``kind``: the one expected)."""
+    """config.json of a model directory, checked (format version, fields; ``kind``: the model kind expected, e.g. a
+    class's ``model_kind``; which kinds exist is ``speeder_rt.train.kinds``' registry)."""
     path = check_model_dir(path)
     file = path / CONFIG
     config = read_json_fields(file, ("model_kind", "model_config"), FORMAT_VERSION)
-    if config["model_kind"] not in MODEL_KINDS:
-        raise ValueError(f"{file}: model_kind {config['model_kind']!r} is not one of {list(MODEL_KINDS)}")
     if kind is not None and config["model_kind"] != kind:
         raise ValueError(f"{path}: a {config['model_kind']!r} model, expected {kind!r}")
     if not isinstance(config["model_config"], dict):
@@ -120,36 +103,24 @@ def read_model_config(path: str | Path, kind: str | None = None) -> dict[str, An
     return config
 
 
-def model_class(kind: str) -> type[nn.Module]:
-    if kind == "speeder":
-        from speeder_rt.model.speeder import SpeederModel
-
-        return SpeederModel
-    if kind == "text_baseline":
-        from speeder_rt.baselines.text_item import TextItemBaseline
-
-        return TextItemBaseline
-    raise ValueError(f"model kind must be one of {list(MODEL_KINDS)}, got {kind!r}")
-
-
-def model_config(config: dict[str, Any], path: Path):
-    """The model's config dataclass from config.json's model_config."""
-    cls = model_class(config["model_kind"]).config_class
+def model_config(cls: type, config: dict[str, Any], path: Path) -> Any:
+    """The config dataclass of the model class ``cls`` from config.json's model_config."""
     try:
-        return cls(**config["model_config"])
+        return cls.config_class(**config["model_config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path / CONFIG}: model_config: {e}") from None
 
 
 # -- save -----------------------------------------------------------------------------------------------------
 def save_model_dir(path: str | Path, model: nn.Module, *, state_dict: dict[str, torch.Tensor] | None = None,
-                   run_config: dict[str, Any] | None = None, resume: ResumeState | None = None,
+                   run_config: dict[str, Any] | None = None, extra_files: Callable[[Path], None] | None = None,
                    merge_lora: bool = False) -> Path:
     """Write ``model`` as a model directory at ``path`` atomically (temp dir + rename; an existing one is replaced).
 
     ``state_dict``: the weights to write instead of ``model.state_dict()`` (e.g. a distributed run's gathered
     full state, on rank 0). ``run_config``: the run's config as JSON (the data recipe eval rebuilds the split
-    from). ``resume``: makes it a trainer's last/. ``merge_lora``: fold LoRA adapters into the base weights;
+    from). ``extra_files``: writes more files into the directory before it is committed (a trainer's resume state,
+    ``speeder_rt.train.resume``). ``merge_lora``: fold LoRA adapters into the base weights;
     the directory then holds a plain model (``model_config.backbone.lora`` null, ``lora`` "merged").
     """
     lora = getattr(model.cfg.backbone, "lora", None)
@@ -177,8 +148,8 @@ def save_model_dir(path: str | Path, model: nn.Module, *, state_dict: dict[str, 
         model.lm_config.save_pretrained(tmp / BACKBONE)
         if hasattr(model.tokenizer, "save_pretrained"):  # a transformers tokenizer (a WordTokenizer is rebuilt)
             model.tokenizer.save_pretrained(tmp / BACKBONE)
-        if resume is not None:
-            _write_resume(tmp, resume)
+        if extra_files is not None:
+            extra_files(tmp)
         write_json(tmp / CONFIG, config)
     return Path(path)
 
@@ -217,12 +188,12 @@ def skipped_keys(model: nn.Module) -> set[str]:
 
 
 # -- load -----------------------------------------------------------------------------------------------------
-def load_model_dir(path: str | Path, kind: str | None = None) -> nn.Module:
-    """The model of a model directory, on the CPU in eval mode (the caller's RNG state is left as it was)."""
-    config = read_model_config(path, kind)
+def load_model_dir(path: str | Path, cls: type) -> Any:
+    """The model of a model directory written for the model class ``cls``, on the CPU in eval mode (the caller's RNG
+    state is left as it was)."""
+    config = read_model_config(path, cls.model_kind)
     path = Path(path)
-    cls = model_class(config["model_kind"])
-    cfg = model_config(config, path)
+    cfg = model_config(cls, config, path)
     table = ItemTable.load(path / ITEMS)
     with torch.random.fork_rng(devices=[]):
         model = cls(cfg, table, backbone=_backbone_from_files(path / BACKBONE, cfg.backbone.torch_dtype))
@@ -256,96 +227,3 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     expected = {n: (t.dtype, tuple(t.shape)) for n, t in model.state_dict().items() if n not in skip}
     tensors = read_safetensors(file, expected)
     model.load_state_dict(tensors, strict=False)  # the check above leaves exactly ``skip`` missing
-
-
-# -- resume state ---------------------------------------------------------------------------------------------
-def _write_resume(directory: Path, resume: ResumeState) -> None:
-    tensors = {f"rng/{device}": state.detach().cpu() for device, state in resume.rng.items()}
-    scalars: dict[str, dict[str, Any]] = {}
-    for name, values in resume.optimizer["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer/{name}/{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(name, {})[key] = value
-    save_file(tensors, str(directory / RESUME_TENSORS), metadata={"format": "pt"})
-    write_json(directory / RESUME_JSON, {
-        "format_version": FORMAT_VERSION,
-        "progress": resume.progress,
-        "scheduler": resume.scheduler,
-        "optimizer": {"param_groups": resume.optimizer["param_groups"], "scalars": scalars},
-        "facts": resume.facts,
-    })
-
-
-def has_resume_state(path: str | Path) -> bool:
-    return (Path(path) / RESUME_JSON).is_file()
-
-
-def read_resume_state(path: str | Path) -> ResumeState:
-    """The resume state of a trainer's last/ directory (a ValueError naming the file for anything missing)."""
-    path = Path(path)
-    if not has_resume_state(path):
-        raise ValueError(f"{path}: holds weights only (no {RESUME_JSON}; a best/ directory); --resume needs a "
-                         "run's last/ directory")
-    file = path / RESUME_JSON
-    info = read_json_fields(file, ("progress", "scheduler", "optimizer", "facts"), FORMAT_VERSION)
-    optimizer = info["optimizer"] if isinstance(info["optimizer"], dict) else {}
-    groups, scalars = optimizer.get("param_groups"), optimizer.get("scalars", {})
-    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
-        raise ValueError(f"{file}: optimizer.param_groups must be a list of groups, each with a 'params' list")
-    tensors = read_safetensors(path / RESUME_TENSORS, mmap=False)
-    state: dict[str, dict[str, Any]] = {name: dict(values) for name, values in scalars.items()}
-    rng = {}
-    for key, tensor in tensors.items():
-        kind, _, rest = key.partition("/")
-        if kind == "rng" and rest:
-            rng[rest] = tensor
-        elif kind == "optimizer" and "/" in rest:
-            name, _, slot = rest.rpartition("/")
-            state.setdefault(name, {})[slot] = tensor
-        else:
-            raise ValueError(f"{path / RESUME_TENSORS}: unexpected tensor {key!r} (expected optimizer/<param>/<key> "
-                             "or rng/<device>)")
-    if "cpu" not in rng:
-        raise ValueError(f"{path / RESUME_TENSORS}: tensor 'rng/cpu' missing")
-    known = {n for g in groups for n in g["params"]}
-    stray = sorted(set(state) - known)
-    if stray:
-        raise ValueError(f"{path / RESUME_TENSORS}: optimizer state for {stray[0]!r}, a parameter no param group holds")
-    return ResumeState(info["progress"], {"state": state, "param_groups": groups}, info["scheduler"], rng, info["facts"])
-
-
-def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` keyed by ``model``'s parameter names instead of positions (the layout of
-    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, without its side effects)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    saved = optimizer.state_dict()
-    return {"state": {order[i]: values for i, values in saved["state"].items()},
-            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
-
-
-def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, named: dict[str, Any],
-                               where: str | Path) -> None:
-    """Load a state of ``named_optimizer_state``'s layout into ``optimizer``, whose groups must hold the same
-    parameters in the same order (a ValueError naming the first difference)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = named["param_groups"]
-    if len(groups) != len(optimizer.param_groups):
-        raise ValueError(f"{where}: the optimizer state has {len(groups)} parameter groups, this phase's optimizer "
-                         f"{len(optimizer.param_groups)}")
-    index: dict[str, int] = {}
-    indexed = []
-    for g, (saved, live) in enumerate(zip(groups, optimizer.param_groups)):
-        want = [names[id(p)] for p in live["params"]]
-        if list(saved["params"]) != want:
-            diff = next((i for i, (a, b) in enumerate(zip(saved["params"], want)) if a != b), min(len(want), len(saved["params"])))
-            have = saved["params"][diff] if diff < len(saved["params"]) else "<end>"
-            expect = want[diff] if diff < len(want) else "<end>"
-            raise ValueError(f"{where}: optimizer group {g} holds {len(saved['params'])} parameters, this phase trains "
-                             f"{len(want)}; first difference at position {diff}: {have!r} vs {expect!r}")
-        base = len(index)
-        index.update({n: base + i for i, n in enumerate(want)})
-        indexed.append({**saved, "params": [index[n] for n in want]})
-    optimizer.load_state_dict({"state": {index[n]: values for n, values in named["state"].items()}, "param_groups": indexed})

@@ -24,11 +24,12 @@ from torch import nn
 
 from speeder_rt.data.item_table import ItemTable
 from speeder_rt.data.sequences import PAD, Samples
+from speeder_rt.kernels.prompt_layout import PromptLayout, assemble_prompt, layout
 from speeder_rt.model import attention
 from speeder_rt.model.backbone import BackboneConfig, apply_lora, load_backbone
 from speeder_rt.model.mome import MixtureOfModalityExperts
 from speeder_rt.model.pretrained import PretrainedModel
-from speeder_rt.model.prompt import PromptLayout, TemplateConfig, assemble_prompt, layout, template_ids
+from speeder_rt.model.prompt import TemplateConfig, template_ids
 from speeder_rt.utils.schema import PositiveInt, check, invalid
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
-from speeder_rt.export.graph import Ranges
+from speeder_rt.export.format import Ranges
 from speeder_rt.runtime.validation import Ids, RequestContract
 
 try:

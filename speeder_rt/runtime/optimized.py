@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from speeder_rt.data.sequences import PAD
-from speeder_rt.export.graph import Ranges
+from speeder_rt.export.format import Ranges
 from speeder_rt.model.speeder import SpeederModel
 from speeder_rt.runtime.recommender import pad_histories
 from speeder_rt.runtime.validation import Ids, RequestContract, check_integer_dtype

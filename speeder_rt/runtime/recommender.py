@@ -18,34 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from speeder_rt.export import check_threads, load_runner, load_speeder
-from speeder_rt.export.graph import Ranges, Runner, ScoringGraph, TopKGraph
-from speeder_rt.model.speeder import SpeederModel
+from speeder_rt.export.format import EXPORT_JSON, Ranges, Runner
+from speeder_rt.export.runners import check_threads, load_runner
 from speeder_rt.runtime.validation import Ids, RequestContract
-
-
-class TorchRunner:
-    """Eager PyTorch on the exported graphs' modules (the reference the other engines are checked against)."""
-
-    def __init__(self, model: SpeederModel, topk_k: int, device: str = "cpu", backend: str = "sdpa") -> None:
-        self.device = torch.device(device)
-        self.topk_k = topk_k
-        self._scores = ScoringGraph(model, backend=backend).to(self.device)
-        self._topk = TopKGraph(model, topk_k, backend=backend).to(self.device) if topk_k else None
-
-    def _to(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        return [torch.from_numpy(a).to(self.device) for a in arrays]
-
-    @torch.no_grad()
-    def scores(self, history_ids: np.ndarray, history_mask: np.ndarray, candidate_ids: np.ndarray) -> np.ndarray:
-        return self._scores(*self._to(history_ids, history_mask, candidate_ids)).cpu().numpy()
-
-    @torch.no_grad()
-    def topk(self, history_ids: np.ndarray, history_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids, scores = self._topk(*self._to(history_ids, history_mask))
-        return ids.cpu().numpy(), scores.cpu().numpy()
 
 
 class Recommender:
@@ -66,20 +42,18 @@ class Recommender:
         """An export directory (engine from its export.json), or a Speeder model directory (PyTorch, top-k up to
         ``max_topk``; a pickled checkpoint is refused unread). ``device``: for ONNX Runtime and model
         directories; packages and plans keep their own. ``threads``: the engine's CPU threads (see
-        ``speeder_rt.export.load_runner``; for a model directory torch's), None for the engine's default."""
+        ``speeder_rt.export.runners.load_runner``; for a model directory torch's), None for the engine's default."""
         path = Path(path)
         if path.is_dir() and not (path / "config.json").is_file():
-            if not (path / "export.json").is_file():
-                raise ValueError(f"{path}: neither an export directory (no export.json) nor a model directory "
+            if not (path / EXPORT_JSON).is_file():
+                raise ValueError(f"{path}: neither an export directory (no {EXPORT_JSON}) nor a model directory "
                                  "(no config.json)")
             runner, meta = load_runner(path, device, threads)
             return cls(runner, meta["num_items"], Ranges(**meta["ranges"]), meta["engine"], meta)
         check_threads(threads)
-        if threads is not None:
-            torch.set_num_threads(threads)
-        model = load_speeder(path)
-        k = min(max_topk, model.num_items)
-        runner = TorchRunner(model, k, device or "cpu")
+        from speeder_rt.runtime.torch_runner import load_model_runner  # PyTorch and the model: for a model directory
+
+        runner, model = load_model_runner(path, max_topk, device or "cpu", threads)
         return cls(runner, model.num_items, Ranges(max_history=model.cfg.max_history, max_candidates=2**31 - 1),
                    "torch", {"source_checkpoint": str(path)})
 

@@ -31,18 +31,28 @@ can return them as they are.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
-import torch
 
-Ids = Union[Sequence[Sequence[int]], np.ndarray, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+Ids = Union[Sequence[Sequence[int]], np.ndarray, "torch.Tensor"]
 Rows = Sequence[np.ndarray]  # int64 rows: a list of 1-D arrays, or a 2-D array
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 STRING_SHOWN = 40  # characters of a refused string that a message quotes
+
+
+def array_types() -> tuple[type, ...]:
+    """numpy arrays, and torch tensors once torch is imported: a tensor cannot exist before, so the contract checks
+    requests without importing torch (an ONNX export is served without it)."""
+    torch = sys.modules.get("torch")
+    return (np.ndarray,) if torch is None else (np.ndarray, torch.Tensor)
 
 
 class RequestError(ValueError):
@@ -68,7 +78,7 @@ def describe(value: Any) -> str:
         return repr(float(value))
     if isinstance(value, str):
         return json.dumps(value[:STRING_SHOWN], ensure_ascii=False) + ("..." if len(value) > STRING_SHOWN else "")
-    if isinstance(value, (np.ndarray, torch.Tensor)):
+    if isinstance(value, array_types()):
         return f"an array of shape {list(value.shape)} and dtype {dtype_name(value.dtype)}"
     if isinstance(value, (list, tuple)):
         return f"a {type(value).__name__} of length {len(value)}"
@@ -83,8 +93,8 @@ def dtype_name(dtype: np.dtype | torch.dtype) -> str:
 
 def check_integer_dtype(dtype: np.dtype | torch.dtype, field: str, what: str = "item ids") -> None:
     """RequestError unless ``dtype`` is a signed or unsigned integer type (bool is not)."""
-    if isinstance(dtype, torch.dtype):
-        integer = not (dtype == torch.bool or dtype.is_floating_point or dtype.is_complex)
+    if not isinstance(dtype, np.dtype):  # a torch dtype
+        integer = not (dtype_name(dtype) == "bool" or dtype.is_floating_point or dtype.is_complex)
     else:
         integer = dtype.kind in "iu"
     if not integer:
@@ -133,7 +143,7 @@ class RequestContract:
     def parse_histories(self, history_ids: Ids) -> list[np.ndarray]:
         """One int64 array of real items per user (not yet checked: rows may be empty, long or out of range)."""
         field = "history_ids"
-        if isinstance(history_ids, (np.ndarray, torch.Tensor)) and history_ids.ndim == 2:
+        if isinstance(history_ids, array_types()) and history_ids.ndim == 2:
             ids = self._int64_array(history_ids, field)
             real = ids >= 0
             late = real[:, 1:] & ~real[:, :-1]
@@ -149,7 +159,7 @@ class RequestContract:
     def parse_candidates(self, candidate_ids: Ids) -> Rows:
         """Rows of int64 ids (not yet checked: rows may differ in length or be out of range)."""
         field = "candidate_ids"
-        if isinstance(candidate_ids, (np.ndarray, torch.Tensor)) and candidate_ids.ndim == 2:
+        if isinstance(candidate_ids, array_types()) and candidate_ids.ndim == 2:
             return self._int64_array(candidate_ids, field)
         if not isinstance(candidate_ids, (list, tuple)):
             raise RequestError(field, f"expected a list of candidate rows or a 2-D array, got {describe(candidate_ids)}")
@@ -176,7 +186,7 @@ class RequestContract:
 
     def _id_row(self, values: Any, field: str) -> np.ndarray:
         """A list / tuple of item ids or a 1-D integer array / tensor, as int64."""
-        if isinstance(values, (np.ndarray, torch.Tensor)) and values.ndim == 1:
+        if isinstance(values, array_types()) and values.ndim == 1:
             return self._int64_array(values, field)
         if not isinstance(values, (list, tuple)):
             raise RequestError(field, f"expected a list of item ids, got {describe(values)}")
@@ -193,7 +203,7 @@ class RequestContract:
     def _int64_array(self, values: np.ndarray | torch.Tensor, field: str) -> np.ndarray:
         """An integer array / tensor as int64; an unsigned value beyond int64 is out of range (in row order)."""
         check_integer_dtype(values.dtype, field)
-        array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
+        array = values if isinstance(values, np.ndarray) else values.detach().cpu().numpy()  # a tensor
         if array.dtype == np.uint64 and array.size and array.max() > INT64_MAX:
             self.check_ids(array, field)  # names the first value beyond int64 (and any smaller one out of range)
         return array.astype(np.int64, copy=False)

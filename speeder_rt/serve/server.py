@@ -13,7 +13,6 @@ Three traps of the wheel's Python backend stub are handled here, before the serv
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -26,9 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-
-
-PYTHON_REPOSITORY = "model_repository_python"  # speeder_rt.export.triton_repo's (not imported: it loads torch)
+from speeder_rt.export.format import EXPORT_JSON, PYTHON_REPOSITORY, read_export_json
 
 
 class ServeError(RuntimeError):
@@ -99,9 +96,9 @@ def write_repository(export_dir: Path, repo: Path, max_batch: int | None = None,
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    meta_path, source = export_dir / "export.json", export_dir / PYTHON_REPOSITORY
+    meta_path, source = export_dir / EXPORT_JSON, export_dir / PYTHON_REPOSITORY
     if not meta_path.is_file():
-        raise ServeError(f"--export {export_dir}: not an export directory (no export.json); write one with "
+        raise ServeError(f"--export {export_dir}: not an export directory (no {EXPORT_JSON}); write one with "
                          "python -m speeder_rt.export")
     if not source.is_dir():
         raise ServeError(f"--export {export_dir}: no {PYTHON_REPOSITORY}/ (exported by an older speeder_rt); "
@@ -123,7 +120,7 @@ def write_repository(export_dir: Path, repo: Path, max_batch: int | None = None,
         config.parameters["export_dir"].string_value = str(export_dir.resolve())
         shutil.copytree(model, repo / model.name)
         (repo / model.name / "config.pbtxt").write_text(text_format.MessageToString(config), encoding="utf-8")
-    return json.loads(meta_path.read_text(encoding="utf-8"))
+    return read_export_json(export_dir)
 
 
 def run(repository: Path, endpoints: Endpoints, stop: threading.Event, log: Callable[[str], None] = print) -> int:

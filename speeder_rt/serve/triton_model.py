@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from speeder_rt.export.format import io_specs
 from speeder_rt.runtime import Recommender
 from speeder_rt.serve.batch import CLIENT_ERRORS, answer
 
-INPUTS = {"scores": ("history_ids", "history_mask", "candidate_ids"), "topk": ("history_ids", "history_mask")}
+INPUTS = {graph: tuple(s["name"] for s in spec["inputs"]) for graph, spec in io_specs(topk_k=1).items()}
 
 
 class TritonPythonModel:

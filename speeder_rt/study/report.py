@@ -72,7 +72,7 @@ def verdict(row: Row, full: Mapping[str, Stat], stats: Mapping[str, Stat]) -> tu
     above = [m for m, (_, _, a) in diffs.items() if a]
     numbers = ", ".join(f"{m} {d:+.4f}" for m, (d, _, _) in diffs.items())
     versus = "; ".join(f"{m} {stats[m]} vs full {full[m]}" for m in VERDICT_METRICS)
-    if row.kind != "speeder":
+    if not row.trains_speeder:
         if len(below) == len(VERDICT_METRICS):
             claim = f"Full Speeder beats {row.label} beyond the seed spread"
         elif len(above) == len(VERDICT_METRICS):

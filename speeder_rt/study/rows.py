@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from speeder_rt.model.mpo import MPOStage, default_schedule
 from speeder_rt.train.config import RunConfig, run_config_from_dict
+from speeder_rt.train.kinds import SPEEDER
 
 Kind = Literal["speeder", "sasrec", "popularity", "random"]
 SPAE_ROWS = ("full", "spae_off", "recency_off", "spae_recency_off")  # the long-history study's Speeder rows
@@ -38,6 +39,11 @@ class Row:
     kind: Kind
     overrides: dict[str, Any] = field(default_factory=dict)  # merged into the run config's mapping
     removes: str | None = None  # what the row takes away from full Speeder, for the findings
+
+    @property
+    def trains_speeder(self) -> bool:
+        """A Speeder model trained for the row (the others are baselines)."""
+        return self.kind == SPEEDER.name
 
 
 @dataclass
@@ -151,7 +157,7 @@ def history_overrides(base: RunConfig, history_len: int) -> dict[str, Any]:
 def run_key(cfg: RunConfig, kind: Kind) -> dict[str, Any]:
     """What a run's result depends on: the whole config for Speeder (less its directory and progress bars),
     the data recipe and seed for a baseline (the item table's cache key)."""
-    if kind != "speeder":
+    if kind != SPEEDER.name:
         return {"data": dataclasses.asdict(cfg.data), "seed": cfg.seed}
     raw = cfg.to_dict()
     raw.pop("out_dir")

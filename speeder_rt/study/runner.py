@@ -39,10 +39,11 @@ from speeder_rt.model.pretrained import load_weights
 from speeder_rt.study.rows import FULL, Row, StudyRows, history_overrides, merged, row_config, run_key, study_rows
 from speeder_rt.train.config import RunConfig, run_config_from_dict
 from speeder_rt.train.data import item_table, load_sequences
-from speeder_rt.train.trainer import Trainer, _first_difference
+from speeder_rt.train.kinds import SPEEDER
+from speeder_rt.train.trainer import Trainer
 from speeder_rt.utils.io import atomic_dir, write_json
 from speeder_rt.utils.progress import progress_bar
-from speeder_rt.utils.readers import read_json, read_json_fields, read_safetensors
+from speeder_rt.utils.readers import first_difference, read_json, read_json_fields, read_safetensors
 
 FORMAT_VERSION = 1
 RESULTS = "results.json"
@@ -118,7 +119,7 @@ def find_run(results: Mapping[str, Any], row: str, seed: int) -> dict[str, Any] 
 
 def check_recorded(out: Path, run: Mapping[str, Any], key: dict[str, Any]) -> None:
     """A recorded run must have been made with the config the row has now."""
-    diff = _first_difference(run.get("config"), key)
+    diff = first_difference(run.get("config"), key)
     if diff:
         raise ValueError(f"{out / RESULTS}: row {run['row']!r} seed {run['seed']} was run with {diff[0] or 'config'} = "
                          f"{diff[1]!r}; this study's config has {diff[2]!r}. Use another --out for a different "
@@ -174,7 +175,7 @@ def shared_sasrec(directory: Path, data: SequenceData, cfg: RunConfig, log: Log)
 
 def train_speeder(cfg: RunConfig, data: SequenceData, table: ItemTable, log: Log) -> dict[str, Any]:
     """Train a Speeder row; its metrics at the best validation checkpoint."""
-    trainer = Trainer("speeder", cfg, data, table, log=log)
+    trainer = Trainer(SPEEDER.name, cfg, data, table, log=log)
     start = time.perf_counter()
     trainer.run()
     train_s = time.perf_counter() - start
@@ -218,9 +219,9 @@ def seed_inputs(study: Study, seed: int, kinds: frozenset[str], log: Log, bars: 
     inter, synthetic_table, data = load_sequences(seed_cfg)
     collab = "collab" in seed_cfg.model.modalities and seed_cfg.data.collab_features
     sasrec = facts = None
-    if "sasrec" in kinds or ("speeder" in kinds and collab):
+    if "sasrec" in kinds or (SPEEDER.name in kinds and collab):
         sasrec, facts = shared_sasrec(study.seed_dir(seed) / "sasrec", data, seed_cfg, log)
-    table = item_table(seed_cfg, inter, data, synthetic_table, sasrec=sasrec, log=log) if "speeder" in kinds else None
+    table = item_table(seed_cfg, inter, data, synthetic_table, sasrec=sasrec, log=log) if SPEEDER.name in kinds else None
     _held.clear()
     _held[key] = SeedInputs(data, table, sasrec, facts)
     return _held[key]
@@ -230,7 +231,7 @@ def run_row(study: Study, row: Row, seed: int, kinds: frozenset[str], log: Log, 
             ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the outcome of ``row`` for ``seed``, the protocol facts); ``bars``: the trainer's own progress bars."""
     inputs = seed_inputs(study, seed, kinds, log, bars)
-    if row.kind == "speeder":
+    if row.trains_speeder:
         cfg = study.config(row, seed)
         cfg.train.progress = cfg.train.progress and bars
         outcome = train_speeder(cfg, inputs.data, inputs.table, log)

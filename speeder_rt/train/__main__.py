@@ -16,13 +16,14 @@ from speeder_rt.model.pretrained import ITEMS, check_model_dir
 from speeder_rt.train.config import RunConfig, load_run_config
 from speeder_rt.train.data import item_cache, load_sequences, prepare
 from speeder_rt.train.distributed import World, barrier, close_world, init_world
-from speeder_rt.train.trainer import MODEL_KINDS, Trainer, check_table_fits
+from speeder_rt.train.kinds import MODEL_KINDS, SPEEDER
+from speeder_rt.train.trainer import Trainer, check_table_fits
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m speeder_rt.train", description="Train Speeder or the text-item baseline.")
     parser.add_argument("--config", required=True, help="run configuration YAML (see configs/)")
-    parser.add_argument("--model", default="speeder", choices=MODEL_KINDS)
+    parser.add_argument("--model", default=SPEEDER.name, choices=MODEL_KINDS)
     parser.add_argument("--resume", help="a run's last/ directory (<out_dir>/<model>/last) to continue from")
     args = parser.parse_args(argv)
     try:

@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from speeder_rt.model.pretrained import load_named_optimizer_state, named_optimizer_state
+from speeder_rt.train.resume import load_named_optimizer_state, named_optimizer_state
 
 # Host-side waits (the item table that rank 0 builds: MiniLM features, SASRec) may take long; a dead rank is
 # noticed by torchrun's agent at once, whatever this says.

@@ -36,31 +36,15 @@ from tqdm import tqdm
 
 from speeder_rt.data import ItemTable, SequenceData
 from speeder_rt.data.sequences import draw_candidates
-from speeder_rt.eval.metrics import ranking_metrics
-from speeder_rt.eval.protocol import sample_ranks
-from speeder_rt.model.mpo import default_schedule, new_modalities, set_trainable, validate_schedule
-from speeder_rt.model.pretrained import (MODEL_KINDS, ITEMS, RESUME_TENSORS, ResumeState, check_model_dir,
-                                         load_model_dir, load_weights, read_model_config, read_resume_state,
-                                         save_model_dir)
-from speeder_rt.model.speeder import SpeederModel, resolve_backend
+from speeder_rt.model.pretrained import ITEMS, check_model_dir, load_weights, read_model_config
 from speeder_rt.train.config import RunConfig, run_config_from_dict
-from speeder_rt.train.distributed import (World, all_gather_concat, all_reduce_sum, barrier, check_batch, eval_rows,
-                                          gather_rank_rng, mean_of_counts, micro_batches, parallel_mode, parallel_model,
-                                          pick_device, restore_rank_rng)
+from speeder_rt.train.distributed import (World, all_reduce_sum, barrier, check_batch, gather_rank_rng, micro_batches,
+                                          parallel_mode, parallel_model, pick_device, restore_rank_rng)
+from speeder_rt.train.kinds import Phase, kind_named, kind_of
+from speeder_rt.train.resume import RESUME_TENSORS, ResumeState, read_resume_state, save_checkpoint
+from speeder_rt.utils.readers import first_difference
 
 PHASE_CODES = {"warmup": 0, "main": 1}
-TEXT_EVAL_BATCH = 16  # users per generation batch in the text baseline's validation
-
-
-@dataclass
-class Phase:
-    stage: int
-    name: str  # warmup | main
-    modalities: list[str]
-    trainable: list[str]
-    lr: float
-    epochs: int = 0
-    steps: int = 0  # warm-up length; main phases run whole epochs
 
 
 @dataclass
@@ -70,46 +54,6 @@ class Progress:
     step_in_epoch: int = 0
     global_step: int = 0
     best_metric: float = float("-inf")
-
-
-def build_model(kind: str, cfg: RunConfig, table: ItemTable, device: torch.device) -> torch.nn.Module:
-    if kind == "speeder":
-        model = SpeederModel(cfg.model, table)
-        model.set_backend(resolve_backend(cfg.model.attn_backend, device))
-    elif kind == "text_baseline":
-        from speeder_rt.baselines.text_item import TextBaselineConfig, TextItemBaseline
-
-        tb = cfg.text_baseline
-        model = TextItemBaseline(TextBaselineConfig(backbone=cfg.model.backbone, max_title_tokens=tb.max_title_tokens,
-                                                    max_new_tokens=tb.max_new_tokens), table)
-    else:
-        raise ValueError(f"--model must be one of {list(MODEL_KINDS)}, got {kind!r}")
-    return model.to(device)
-
-
-def run_phases(kind: str, cfg: RunConfig) -> list[Phase]:
-    """The run's phases: the text baseline's one, or per MPO stage an optional warm-up and the main phase."""
-    if kind == "text_baseline":
-        tb = cfg.text_baseline
-        return [Phase(0, "main", [], ["all"], tb.lr, epochs=tb.epochs)]
-    stages = cfg.mpo or default_schedule(cfg.model.modalities, **cfg.mpo_defaults,
-                                         full_finetune=cfg.model.backbone.lora is None)
-    validate_schedule(stages, cfg.model.modalities)
-    phases = []
-    for i, s in enumerate(stages):
-        fresh = new_modalities(stages, i)
-        if i > 0 and fresh and s.warmup_steps > 0:
-            phases.append(Phase(i, "warmup", s.modalities, [f"expert:{m}" for m in fresh] + ["gate"], s.lr, steps=s.warmup_steps))
-        phases.append(Phase(i, "main", s.modalities, s.trainable, s.lr, epochs=s.epochs))
-    return phases
-
-
-def phase_parameters(model: torch.nn.Module, kind: str, phase: Phase) -> list[torch.nn.Parameter]:
-    """Set up ``model`` for ``phase`` (enabled modalities, requires_grad) and return what its optimizer trains."""
-    if kind == "text_baseline":
-        return [p for p in model.parameters() if p.requires_grad]
-    model.set_enabled_modalities(phase.modalities)
-    return set_trainable(model, phase.trainable, phase.modalities)
 
 
 def recorded_config(cfg: RunConfig) -> dict[str, Any]:
@@ -143,17 +87,6 @@ def check_table_fits(data: SequenceData, table: ItemTable, where: str | Path) ->
         raise ValueError(f"{where}: the data no longer fits the model's item table ({first})")
 
 
-def _first_difference(a: Any, b: Any, key: str = "") -> tuple[str, Any, Any] | None:
-    """(dotted key, a's value, b's value) of the first place two JSON values differ, or None."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in [*a, *(k for k in b if k not in a)]:
-            found = _first_difference(a.get(k), b.get(k), f"{key}.{k}" if key else k)
-            if found:
-                return found
-        return None
-    return None if a == b else (key, a, b)
-
-
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
@@ -166,27 +99,25 @@ class Trainer:
     def __init__(self, kind: str, cfg: RunConfig, data: SequenceData, table: ItemTable, log=print,
                  world: World | None = None) -> None:
         """``world``: this process's rank in a torchrun job (``distributed.init_world``); None: a single process."""
-        if kind not in MODEL_KINDS:
-            raise ValueError(f"--model must be one of {list(MODEL_KINDS)}, got {kind!r}")
+        self.model_kind = kind_named(kind)
         self.world = world or World(pick_device(cfg.train.device))
         self.kind, self.cfg, self.data, self.table = kind, cfg, data, table
         self.log = log if self.world.is_main else _silent
         check_batch(self.world, cfg.train.batch_size, cfg.train.grad_accumulation)
         self.device = self.world.device
         torch.manual_seed(cfg.seed)
-        self.model = build_model(kind, cfg, table, self.device)
+        self.model = self.model_kind.build(cfg, table, self.device)
         if self.world.rank:  # rank 0 goes on with the single-process stream, the others draw their own (dropout)
             torch.manual_seed(_seed(cfg.seed, self.world.rank))
         mode = parallel_mode(cfg.train.parallel, cfg.model.backbone.lora is not None)
-        # without the relative bias the SPAE slopes (trainable set "spae") reach no loss
         self.parallel = parallel_model(self.model, self.world, mode,
-                                       find_unused=kind == "speeder" and not cfg.model.relative_bias)
+                                       find_unused=self.model_kind.find_unused_parameters(cfg))
         if self.world.distributed:
             per_rank = cfg.train.batch_size // self.world.size
             self.log(f"distributed: {self.world.size} ranks on {self.device.type}, train.parallel {mode}, global batch "
                      f"{cfg.train.batch_size} = {self.world.size} ranks x {cfg.train.grad_accumulation} micro-batches "
                      f"x {per_rank // cfg.train.grad_accumulation}")
-        self.phases = run_phases(kind, cfg)
+        self.phases = self.model_kind.phases(cfg)
         self.out = Path(cfg.out_dir) / kind
         self.progress = Progress()
         self.last_metrics: dict[str, float] = {}
@@ -224,7 +155,7 @@ class Trainer:
 
     def _start_phase(self, phase_index: int) -> None:
         phase = self.phases[phase_index]
-        params = self.parallel.start_phase(phase_parameters(self.model, self.kind, phase))
+        params = self.parallel.start_phase(self.model_kind.phase_parameters(self.model, phase))
         self.optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=self.cfg.train.weight_decay)
         total = max(1, self._phase_steps(phase_index))
         ramp = max(1, total // 20)
@@ -251,7 +182,7 @@ class Trainer:
                                  rng, facts)
         path = self.out / name
         if self.world.is_main:
-            save_model_dir(path, self.model, state_dict=state, run_config=recorded_config(self.cfg), resume=resume)
+            save_checkpoint(path, self.model, state_dict=state, run_config=recorded_config(self.cfg), resume=resume)
         barrier(self.world)
         return path
 
@@ -262,7 +193,7 @@ class Trainer:
         config = read_model_config(path, self.kind)
         state = read_resume_state(path)
         own = self.model.cfg.to_dict()
-        diff = _first_difference({**config["model_config"], "attn_backend": own.get("attn_backend")}, own)
+        diff = first_difference({**config["model_config"], "attn_backend": own.get("attn_backend")}, own)
         if diff:  # the attention backend computes the same function, so a run may switch it (e.g. CPU -> GPU)
             raise ValueError(f"{path}: trained with model.{diff[0]} = {diff[1]!r}; this run's config has {diff[2]!r}")
         self._check_table(path / ITEMS)
@@ -313,19 +244,12 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------------
     def _loss(self, samples, idx: np.ndarray) -> torch.Tensor:
         to = lambda a: torch.from_numpy(a[idx]).to(self.device)  # noqa: E731
-        label = samples.label if self.kind == "speeder" else samples.target
+        label = self.model_kind.labels(samples)
         return self.parallel.loss(to(samples.history), to(samples.history_len), to(samples.candidates), to(label))
 
     def _loss_terms(self, samples, batch: np.ndarray) -> np.ndarray:
-        """Per sample of ``batch``, the terms its loss averages over: 1 for Speeder, the target's tokens for the
-        text baseline (its loss is a mean over tokens)."""
-        if self.kind == "speeder":
-            return np.ones(len(batch))
-        from speeder_rt.baselines.text_item import IGNORE
-
-        prompts = self.model.build_prompts(samples.history[batch], samples.history_len[batch],
-                                           samples.candidates[batch], samples.target[batch])
-        return (prompts.labels != IGNORE).sum(1).numpy()
+        """Per sample of ``batch``, the terms its loss averages over (the kind's ``loss_terms``)."""
+        return self.model_kind.loss_terms(self.model, samples, batch)
 
     def _micro_batches(self, samples, batch: np.ndarray) -> list[tuple[np.ndarray, float | None]]:
         """This rank's micro-batches of a step's ``batch``, each with its share of the step's loss terms (None: the
@@ -361,26 +285,12 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Validation metrics over all users: each rank evaluates its block of users (whole batches), the results
         are gathered and the metrics computed once."""
-        model = self.parallel.eval_model()
-        valid = self.data.valid
-        if self.kind == "speeder":
-            size = self.cfg.train.eval_batch_size
-            rows = eval_rows(self.world, len(valid), size)
-            ranks = sample_ranks(model, self.data, "valid", batch_size=size, rows=rows)
-            return ranking_metrics(all_gather_concat(self.world, ranks))
-        limit = self.cfg.text_baseline.eval_limit
-        rows = eval_rows(self.world, len(valid) if limit is None else min(limit, len(valid)), TEXT_EVAL_BATCH)
-        users = rows.stop - rows.start
-        if not users:  # more ranks than batches: evaluate one user and count none, so the metric names are known
-            rows = slice(0, 1)
-        metrics = model.evaluate(dataclasses.replace(self.data, valid=valid.subset(rows)), "valid",
-                                 batch_size=TEXT_EVAL_BATCH, progress=self.cfg.train.progress and self.world.is_main)
-        return mean_of_counts(self.world, metrics, users)
+        return self.model_kind.validate(self.parallel.eval_model(), self.data, self.cfg, self.world)
 
     def run(self, stop_after_steps: int | None = None) -> dict[str, float]:
         """Train to the end (or stop right after checkpointing at global step ``stop_after_steps``)."""
         start = time.perf_counter()
-        metric_name = "NDCG@10" if self.kind == "speeder" else "VHR@1"
+        metric_name = self.model_kind.metric
         p = self.progress
         if self.complete:
             return self.last_metrics
@@ -447,6 +357,7 @@ def load_trained(path: str | Path, kind: str | None = None):
     data from its seed), never features, SASRec or ``<out_dir>/items``.
     """
     config = read_model_config(path, kind)
+    model_kind = kind_of(path)
     if config.get("run_config") is None:
         raise ValueError(f"{Path(path) / 'config.json'}: no run_config (a model saved outside a training run), so "
                          "there is no data recipe to rebuild the split from; evaluate it with "
@@ -454,7 +365,7 @@ def load_trained(path: str | Path, kind: str | None = None):
     from speeder_rt.train.data import load_sequences
 
     cfg = run_config_from_dict(config["run_config"], f"{Path(path) / 'config.json'}: run_config")
-    model = load_model_dir(path, kind)
+    model = model_kind.load(path)
     _, _, data = load_sequences(cfg)
     check_table_fits(data, model.item_table, path)
-    return model, cfg, data, model.item_table, config["model_kind"]
+    return model, cfg, data, model.item_table, model_kind.name

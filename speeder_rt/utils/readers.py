@@ -63,6 +63,17 @@ def read_json_fields(file: str | Path, fields: tuple[str, ...], format_version: 
     return data
 
 
+def first_difference(a: Any, b: Any, key: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted key, a's value, b's value) of the first place two JSON values differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in [*a, *(k for k in b if k not in a)]:
+            found = first_difference(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+            if found:
+                return found
+        return None
+    return None if a == b else (key, a, b)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """The safetensors name of a torch dtype (``F32``, ``BF16``, ...)."""
     return _NAMES.get(dtype, str(dtype))

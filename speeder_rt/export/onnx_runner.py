@@ -1,0 +1,39 @@
+"""``OnnxRunner``: an ONNX export's graphs in ONNX Runtime sessions (numpy in, numpy out; no PyTorch)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class OnnxRunner:
+    """ONNX Runtime sessions for the scoring graph and (optionally) the top-k graph."""
+
+    def __init__(self, scores_path: Path, topk_path: Path | None, topk_k: int, device: str = "cpu",
+                 threads: int | None = None) -> None:
+        """``threads``: each session's intra-op threads, which then sleep instead of spin-waiting between ops
+        (None: ORT's default, one spinning thread per core)."""
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+        providers = [p for p in wanted if p in available]
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.device = device
+        self.topk_k = topk_k
+        self._scores = ort.InferenceSession(str(scores_path), options, providers=providers)
+        self._topk = ort.InferenceSession(str(topk_path), options, providers=providers) if topk_path is not None else None
+
+    def scores(self, history_ids: np.ndarray, history_mask: np.ndarray, candidate_ids: np.ndarray) -> np.ndarray:
+        feed = {"history_ids": history_ids, "history_mask": history_mask, "candidate_ids": candidate_ids}
+        return self._scores.run(None, feed)[0]
+
+    def topk(self, history_ids: np.ndarray, history_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._topk is None:
+            raise ValueError("this artifact was exported without a top-k graph (--topk 0)")
+        ids, scores = self._topk.run(None, {"history_ids": history_ids, "history_mask": history_mask})
+        return ids, scores

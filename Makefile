@@ -21,7 +21,7 @@ SERVE_VENV := .venv-serve
 SERVE_PY := $(SERVE_VENV)/bin/python
 SERVE_PIP := $(SERVE_PY) -m pip --disable-pip-version-check -q 2> >(grep --line-buffered -v "$(PIP_LOCATION_NOISE)" >&2)
 
-.PHONY: demo test venv cpp serve serve-venv clean
+.PHONY: demo test lint venv cpp serve serve-venv clean
 
 $(VENV)/.base: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ $(VENV)/.base: setup.py
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install -e ".[test,export,text,gguf]"
+	$(PIP) install -e ".[test,export,text,gguf,lint]"
 	touch $@
 
 # speeder_rt._C (the C++ ops and the C++ runtime's binding) compiles against the installed torch: no build
@@ -67,10 +67,16 @@ cpp: $(VENV)/.ext
 demo: $(VENV)/.base
 	$(PY) -m speeder_rt.demo
 
+# ruff (lint, pyproject.toml's rules) over the repository and mypy (types) over the public API packages
+# (runtime, export, serve, model; pyproject.toml's [tool.mypy]).
+lint: $(VENV)/.test
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
 # The quick sm_90a compile report (speeder_rt.kernels.sm90_report) builds the kernels for Hopper without a GPU;
 # compiled kernels and analysed rows are cached in build/sm90. Then the tests, the kernels under the interpreter.
 # The serving tests skip in .venv (no PyTriton there) and run in .venv-serve against the real tritonserver.
-test: cpp $(SERVE_VENV)/.ready
+test: lint cpp $(SERVE_VENV)/.ready
 	env -u TRITON_INTERPRET $(PY) -m speeder_rt.kernels.sm90_report --quick --out build/sm90
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 	$(SERVE_PY) -m pytest -q tests/test_serve.py

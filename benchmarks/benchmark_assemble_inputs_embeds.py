@@ -31,8 +31,8 @@ if not torch.cuda.is_available():
     # Triton runs on CPU only through its interpreter, which is chosen when the kernels are decorated (import).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from speeder_rt.kernels._checks import INTERPRET  # noqa: E402
-from speeder_rt.kernels.assemble_inputs_embeds import (  # noqa: E402
+from speeder_rt.kernels._checks import INTERPRET
+from speeder_rt.kernels.assemble_inputs_embeds import (
     assemble_inputs_embeds,
     assemble_inputs_embeds_reference,
 )

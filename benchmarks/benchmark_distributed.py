@@ -11,7 +11,8 @@ rank 0; every step ends with the all-reduce of its loss, so the time covers the 
     python benchmarks/benchmark_distributed.py [--world-sizes 1,2] [--shape tiny] [--full] [--json FILE]
 
 CPU (default: tiny shape, fp32, world sizes 1 and 2): information only. Every rank runs one intra-op thread
-(OMP_NUM_THREADS=1 unless set, as torchrun does for more than one rank) and the ranks share the machine's cores (on this project's 2-core machine, also with other jobs), so the
+(OMP_NUM_THREADS=1 unless set, as torchrun does for more than one rank) and the ranks share the machine's cores (on
+this project's 2-core machine, also with other jobs), so the
 figure says nothing about a GPU node. GPU goal: efficiency >= 0.9 at N = 8 for LoRA on the Qwen2-0.5B shape (bf16,
 Triton attention): ``--shape qwen2-0.5b --world-sizes 1,8``; not measured yet (no multi-GPU machine so far).
 """

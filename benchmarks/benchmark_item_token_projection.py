@@ -30,14 +30,14 @@ if not torch.cuda.is_available():
     # Triton runs on CPU only through its interpreter, which is chosen when the kernels are decorated (import).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from speeder_rt.kernels._checks import INTERPRET  # noqa: E402
-from speeder_rt.kernels.item_token_projection import (  # noqa: E402
+from speeder_rt.kernels._checks import INTERPRET
+from speeder_rt.kernels.item_token_projection import (
     ExpertParams,
     item_token_projection,
     item_token_projection_reference,
     mome_parameters,
 )
-from speeder_rt.model.mome import MixtureOfModalityExperts  # noqa: E402
+from speeder_rt.model.mome import MixtureOfModalityExperts
 
 MODALITY_DIMS = {"text": 384, "collab": 64, "image": 48}
 D_EXPERT, D_HIDDEN, NUM_ITEMS, NUM_EXTRA = 1024, 896, 20000, 51

@@ -32,9 +32,8 @@ if not torch.cuda.is_available():
     # Triton runs on CPU only through its interpreter, which is chosen when the kernels are decorated (import).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from speeder_rt.kernels._checks import INTERPRET  # noqa: E402
-from speeder_rt.kernels import position_aware_attention, position_aware_attention_reference  # noqa: E402
-
+from speeder_rt.kernels import position_aware_attention, position_aware_attention_reference
+from speeder_rt.kernels._checks import INTERPRET
 
 TOKENS = 16384
 SEQ_LENS = (128, 256, 512, 1024, 2048, 4096)

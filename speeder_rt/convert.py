@@ -85,7 +85,7 @@ def _unpickle(old: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ValueError(f"{old}: needs code to unpickle, which no speeder_rt checkpoint does; refused ({reason})") from None
-    except Exception as e:  # torch raises several types for truncated or foreign files
+    except Exception as e:  # noqa: BLE001 -- torch raises several types for truncated or foreign files
         raise ValueError(f"{old}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or not all(f in ckpt for f in OLD_FIELDS):
         raise ValueError(f"{old}: not a speeder_rt checkpoint (fields {list(OLD_FIELDS)} expected)")

@@ -3,7 +3,8 @@
 
     torchrun --standalone --nproc_per_node N tests/distributed_worker.py OUT [--kill RANK:STEP] -- ARGS [-- ARGS ...]
 
-All runs share one process group (the job's only ``init_world``). Per run index i and rank r it writes OUT/i.rank<r>.json (``losses`` of every step, the final validation
+All runs share one process group (the job's only ``init_world``). Per run index i and rank r it writes
+OUT/i.rank<r>.json (``losses`` of every step, the final validation
 ``metrics``, ``world_size``, ``writes``: the targets of every atomic file or directory write of that rank) and
 OUT/i.rank<r>.safetensors (the rank's own tensors: whole ones under DDP, its shards under FSDP2). Before training,
 OUT/collectives.rank<r>.json holds the results of the gathering helpers on known per-user values, and
@@ -63,6 +64,7 @@ def main(argv: list[str]) -> int:
 
     losses: list[float] = []
     writes: list[str] = []
+    current = {"run": 0}  # the index of the run in progress: recording_run names its files by it
     train_step, run, workspace = Trainer.train_step, Trainer.run, io._workspace
 
     def recording_step(self, samples, batch):
@@ -78,8 +80,8 @@ def main(argv: list[str]) -> int:
         rank = self.world.rank
         local = {n: (t.to_local() if hasattr(t, "to_local") else t).detach().cpu().clone()
                  for n, t in self.model.state_dict().items()}
-        save_file(local, str(out / f"{index}.rank{rank}.safetensors"))
-        (out / f"{index}.rank{rank}.json").write_text(json.dumps(
+        save_file(local, str(out / f"{current['run']}.rank{rank}.safetensors"))
+        (out / f"{current['run']}.rank{rank}.json").write_text(json.dumps(
             {"losses": losses, "metrics": metrics, "world_size": self.world.size, "writes": writes}))
         return metrics
 
@@ -89,7 +91,7 @@ def main(argv: list[str]) -> int:
 
     Trainer.train_step, Trainer.run, io._workspace = recording_step, recording_run, recording_workspace
     try:
-        for index, args in enumerate(runs):
+        for current["run"], args in enumerate(runs):
             losses.clear()
             writes.clear()
             status = train_cli.main(args)

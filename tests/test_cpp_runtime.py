@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bad_requests import BAD_REQUESTS
 import torch
+from bad_requests import BAD_REQUESTS
 
 from speeder_rt.export.exporter import export_checkpoint
 from speeder_rt.export.format import EXPORT_JSON, FORMAT_VERSION, LEGACY_VERSION_KEY, VERSION_KEY

@@ -31,11 +31,11 @@ import yaml
 from safetensors.torch import load_file
 
 from speeder_rt.eval.protocol import evaluate
-from speeder_rt.train.kinds import load_model
-from speeder_rt.train.resume import read_resume_state
 from speeder_rt.train.config import run_config_from_dict
 from speeder_rt.train.data import prepare
 from speeder_rt.train.distributed import World, check_batch, eval_rows, micro_batches
+from speeder_rt.train.kinds import load_model
+from speeder_rt.train.resume import read_resume_state
 from speeder_rt.train.trainer import Trainer
 from speeder_rt.utils import io
 from speeder_rt.utils.schema import ConfigError

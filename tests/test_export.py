@@ -5,8 +5,8 @@ import shutil
 
 import numpy as np
 import pytest
-from bad_requests import BAD_REQUESTS
 import torch
+from bad_requests import BAD_REQUESTS
 
 from speeder_rt.export import __main__ as cli
 from speeder_rt.export import onnx_engine, trt_engine

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from tiny_model import tiny_speeder
 
 from speeder_rt.export.exporter import export_model

@@ -7,8 +7,6 @@ import select
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +162,7 @@ def test_atomic_path_fsyncs_file_then_renames_then_fsyncs_directory(tmp_path, ev
 
 def test_atomic_dir_fsyncs_everything_then_renames_then_fsyncs_directory(tmp_path, events):
     target = tmp_path / "items"
-    for round_ in range(2):  # first write (NOREPLACE), then a swap (EXCHANGE)
+    for _ in range(2):  # first write (NOREPLACE), then a swap (EXCHANGE)
         events.clear()
         with atomic_dir(target) as tmp:
             (tmp / "sub").mkdir()

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from speeder_rt.kernels.determinism import use_deterministic_kernels
 from speeder_rt.kernels.item_token_projection import (
     ExpertParams,
     item_token_projection,
     item_token_projection_reference,
     mome_parameters,
 )
-from speeder_rt.kernels.determinism import use_deterministic_kernels
 from speeder_rt.kernels.sm90_report import PROJECTION_SHAPES
 from speeder_rt.model.mome import MixtureOfModalityExperts
 

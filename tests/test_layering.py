@@ -114,8 +114,15 @@ def test_an_onnx_export_loads_without_the_training_stack(tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    from speeder_rt.export.format import (ENGINE_REPOSITORY, EXPORT_JSON, FORMAT_VERSION, VERSION_KEY, Ranges,
-                                          artifact_files, io_specs)
+    from speeder_rt.export.format import (
+        ENGINE_REPOSITORY,
+        EXPORT_JSON,
+        FORMAT_VERSION,
+        VERSION_KEY,
+        Ranges,
+        artifact_files,
+        io_specs,
+    )
 
     # A stand-in scoring graph with the export's inputs and outputs: scores = candidate_ids as float. What is under
     # test is what loading imports, not the graph.
@@ -148,8 +155,7 @@ def test_an_onnx_export_loads_without_the_training_stack(tmp_path):
 
 
 def test_export_json_reads_the_version_key_and_the_legacy_one(tmp_path):
-    from speeder_rt.export.format import (EXPORT_JSON, FORMAT_VERSION, LEGACY_VERSION_KEY, VERSION_KEY,
-                                          read_export_json)
+    from speeder_rt.export.format import EXPORT_JSON, FORMAT_VERSION, LEGACY_VERSION_KEY, VERSION_KEY, read_export_json
 
     for key in (VERSION_KEY, LEGACY_VERSION_KEY):
         (tmp_path / EXPORT_JSON).write_text(json.dumps({key: FORMAT_VERSION, "engine": "onnx"}))

@@ -18,11 +18,11 @@ from speeder_rt import convert as convert_cli
 from speeder_rt.eval import __main__ as eval_cli
 from speeder_rt.export import __main__ as export_cli
 from speeder_rt.model import SpeederModel
-from speeder_rt.train.resume import load_named_optimizer_state, named_optimizer_state
 from speeder_rt.runtime import Recommender
 from speeder_rt.train import __main__ as train_cli
 from speeder_rt.train.config import run_config_from_dict
 from speeder_rt.train.data import prepare
+from speeder_rt.train.resume import load_named_optimizer_state, named_optimizer_state
 from speeder_rt.train.trainer import Trainer
 from speeder_rt.utils.readers import read_safetensors
 

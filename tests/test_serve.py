@@ -24,9 +24,8 @@ import pytest
 pytest.importorskip("pytriton", reason="serving runs in the serve venv (.venv-serve, built by make test)")
 httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
-from tritonclient.utils import InferenceServerException  # noqa: E402
-
 from tiny_model import tiny_speeder  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from speeder_rt.export.exporter import export_model  # noqa: E402
 from speeder_rt.export.format import Ranges  # noqa: E402

@@ -19,8 +19,15 @@ from torch import nn
 
 from speeder_rt.data.sequences import PAD, Samples, SequenceData
 from speeder_rt.utils.progress import progress_bar
-from speeder_rt.utils.schema import (DropoutRate, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check,
-                                     invalid)
+from speeder_rt.utils.schema import (
+    DropoutRate,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    check,
+    invalid,
+)
 
 
 @dataclass(frozen=True)
@@ -44,9 +51,9 @@ class SASRecConfig:
 
 
 class SASRec(nn.Module):
-    def __init__(self, num_items: int, cfg: SASRecConfig = SASRecConfig()) -> None:
+    def __init__(self, num_items: int, cfg: SASRecConfig | None = None) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg or SASRecConfig()
         self.num_items = num_items
         self.item_emb = nn.Embedding(num_items + 1, cfg.hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
@@ -113,13 +120,14 @@ def _training_sequences(data: SequenceData, max_len: int) -> tuple[torch.Tensor,
     return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(targets))
 
 
-def train_sasrec(data: SequenceData, cfg: SASRecConfig = SASRecConfig(), log=print, progress: bool = True,
+def train_sasrec(data: SequenceData, cfg: SASRecConfig | None = None, log=print, progress: bool = True,
                  step_losses: list[float] | None = None) -> SASRec:
     """Train on the training split; keep the weights with the best validation NDCG@10. ``log`` gets a line at
     every validation (with the time left), ``progress`` shows a bar over the steps, ``step_losses`` (a list)
     gets every step's training loss."""
     from speeder_rt.eval.protocol import evaluate
 
+    cfg = cfg or SASRecConfig()
     torch.manual_seed(cfg.seed)
     model = SASRec(data.num_items, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

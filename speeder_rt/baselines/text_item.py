@@ -77,7 +77,7 @@ class TextPrompts:
     embedding_slots: torch.Tensor | None = None  # bool [B, L]
     embedding_items: torch.Tensor | None = None  # int64 [S]
 
-    def to(self, device: torch.device | str) -> "TextPrompts":
+    def to(self, device: torch.device | str) -> TextPrompts:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return TextPrompts(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
 

@@ -67,7 +67,7 @@ class Interactions:
         titles: dict[str, str] | None = None,
         descriptions: dict[str, str] | None = None,
         source: str = "<memory>",
-    ) -> "Interactions":
+    ) -> Interactions:
         """Build from per-row string keys; dense ids follow first appearance; items only in ``titles`` are added."""
         user_index: dict[str, int] = {}
         item_index: dict[str, int] = {}

@@ -128,7 +128,7 @@ class ItemTable:
             (tmp / "items.json").write_text(json.dumps(index), encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, mmap: bool = True) -> "ItemTable":
+    def load(cls, path: str | os.PathLike, mmap: bool = True) -> ItemTable:
         """Load a table saved by :meth:`save`; with ``mmap`` the feature matrices map the file's pages."""
         path = Path(path)
         index = read_json_fields(path / "items.json", ("modalities", "item_keys", "titles", "descriptions"),

@@ -52,7 +52,7 @@ class Samples:
     def __len__(self) -> int:
         return len(self.target)
 
-    def subset(self, index: np.ndarray | slice) -> "Samples":
+    def subset(self, index: np.ndarray | slice) -> Samples:
         pick = lambda a: None if a is None else a[index]  # noqa: E731
         return Samples(pick(self.users), pick(self.history), pick(self.history_len), pick(self.target),
                        pick(self.candidates), pick(self.label))
@@ -116,7 +116,7 @@ def sample_negatives(rng: np.random.Generator, exclude: np.ndarray, num_items: i
     return np.asarray(out, dtype=np.int64)
 
 
-def draw_candidates(data: "SequenceData", samples: Samples, split: str, seed: int) -> None:
+def draw_candidates(data: SequenceData, samples: Samples, split: str, seed: int) -> None:
     """Fill ``samples.candidates`` / ``label``: the target plus negatives the user never touched, shuffled.
 
     Deterministic in (seed, split, user key, sample order within the user).
@@ -146,7 +146,8 @@ def _window(seq: np.ndarray, end: int, w: int) -> tuple[np.ndarray, int]:
     return row, len(hist)
 
 
-def build_sequences(inter: Interactions, cfg: SplitConfig = SplitConfig()) -> SequenceData:
+def build_sequences(inter: Interactions, cfg: SplitConfig | None = None) -> SequenceData:
+    cfg = cfg or SplitConfig()
     users, items, ts = inter.users, inter.items, inter.timestamps
     if cfg.kcore > 0:
         keep = _kcore(users, items, cfg.kcore)

@@ -23,8 +23,16 @@ import numpy as np
 
 from speeder_rt.data.interactions import Interactions
 from speeder_rt.data.item_table import ItemTable
-from speeder_rt.utils.schema import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, check,
-                                     invalid)
+from speeder_rt.utils.schema import (
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    check,
+    invalid,
+)
 
 _WORDS = (
     "amber iron velvet silent crimson hollow golden shadow river ember frost lunar solar coral "
@@ -61,8 +69,9 @@ class SyntheticConfig:
                                            f"{self.max_seq_len} need at least {max(40, 2 * self.max_seq_len)}")
 
 
-def generate_synthetic(cfg: SyntheticConfig = SyntheticConfig()) -> tuple[Interactions, ItemTable]:
+def generate_synthetic(cfg: SyntheticConfig | None = None) -> tuple[Interactions, ItemTable]:
     """Deterministic by ``cfg.seed``: the same config gives bit-identical interactions and features."""
+    cfg = cfg or SyntheticConfig()
     rng = np.random.default_rng(cfg.seed)
     n, k_clusters, d = cfg.n_items, cfg.n_clusters, cfg.latent_dim
 

@@ -11,17 +11,35 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from speeder_rt.export import triton_repo, trt_engine
-from speeder_rt.export.format import (ENGINE_REPOSITORY, ENGINES, EXPORT_JSON, FORMAT_VERSION, PARITY_JSON,
-                                      PYTHON_REPOSITORY, VERSION_KEY, Ranges, artifact_files, io_specs)
-from speeder_rt.export.graph import (DTYPES, EXPORT_BACKENDS, ParityReport, ScoringGraph, TopKGraph, check_parity,
-                                     example_inputs)
+from speeder_rt.export.format import (
+    ENGINE_REPOSITORY,
+    ENGINES,
+    EXPORT_JSON,
+    FORMAT_VERSION,
+    PARITY_JSON,
+    PYTHON_REPOSITORY,
+    VERSION_KEY,
+    Ranges,
+    artifact_files,
+    io_specs,
+)
+from speeder_rt.export.graph import (
+    DTYPES,
+    EXPORT_BACKENDS,
+    ParityReport,
+    ScoringGraph,
+    TopKGraph,
+    check_parity,
+    example_inputs,
+)
 from speeder_rt.export.runners import open_runner
 from speeder_rt.model.speeder import SpeederModel
 from speeder_rt.train.kinds import kind_of
@@ -162,6 +180,7 @@ def _build(model: SpeederModel, engine: str, graph_name: str, tmp: Path, rel: st
            attn_backend: str, device: str) -> None:
     is_topk = graph_name == "topk"
     graph_dtype = torch.float32 if engine == "trt" else DTYPES[dtype]  # TensorRT lowers precision by builder flags
+    graph: torch.nn.Module
     if is_topk:
         graph = TopKGraph(model, topk, graph_dtype, attn_backend, ranges)
     else:

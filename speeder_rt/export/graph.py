@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -49,6 +49,9 @@ class _Slim(nn.Module):
     """What ``SpeederModel.prompt`` / ``pred_state`` read at inference, item tokens precomputed."""
 
     fused_item_path = False  # export graphs use standard ops only (EXPORT_BACKENDS)
+    template: torch.Tensor  # buffer: 0..len(template)-1, the rows of the slim vocabulary embedding
+    item_table: torch.Tensor  # buffer: the item-token table [N, d]
+    decoder: Any  # the decoder, LoRA merged
 
     def __init__(self, model: SpeederModel, dtype: torch.dtype, backend: str, ranges: Ranges | None = None) -> None:
         super().__init__()
@@ -75,7 +78,13 @@ class _Slim(nn.Module):
         self.to(dtype)
         self.requires_grad_(False)
         self.eval()
-        SpeederModel.set_backend(self, backend)
+        SpeederModel.set_backend(self.as_model, backend)
+
+    @property
+    def as_model(self) -> SpeederModel:
+        """This module where ``SpeederModel``'s inference methods take their ``self``: it holds every attribute
+        ``set_backend``, ``prompt`` and ``pred_state`` read (a duck-typed stand-in, hence the cast)."""
+        return cast(SpeederModel, self)
 
     def valid(self, history_ids: torch.Tensor, history_mask: torch.Tensor,
               candidate_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +109,9 @@ class _Slim(nn.Module):
         real = history_mask & rows[:, None]
         history = torch.where(real, history_ids, -1)
         safe_candidates = torch.where(cands, candidate_ids, 0)
-        embeds, lay, cand_tok = SpeederModel.prompt(self, history, real.sum(1), safe_candidates, self.item_table)
-        return SpeederModel.pred_state(self, embeds, lay).float(), cand_tok.float(), rows, cands
+        model = self.as_model
+        embeds, lay, cand_tok = SpeederModel.prompt(model, history, real.sum(1), safe_candidates, self.item_table)
+        return SpeederModel.pred_state(model, embeds, lay).float(), cand_tok.float(), rows, cands
 
 
 class ScoringGraph(nn.Module):

@@ -29,6 +29,8 @@ def export_onnx(graph: nn.Module, args: tuple[torch.Tensor, ...], ranges: Ranges
     spec = io_specs(1)["topk" if topk else "scores"]
     onnx_program = torch.onnx.export(program, args, dynamo=True, input_names=[s["name"] for s in spec["inputs"]],
                                      output_names=[s["name"] for s in spec["outputs"]], verbose=False)
+    if onnx_program is None:  # dynamo=True returns the program
+        raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNX program")
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx_program.save(str(path), external_data=state_bytes(graph) > EXTERNAL_DATA_BYTES)
     _name_dims(path)

@@ -21,10 +21,12 @@ def open_runner(engine: str, root: Path, artifacts: dict[str, str], topk: int, d
     if threads is not None:
         torch.set_num_threads(threads)  # AOTInductor's CPU kernels run on torch's intra-op pool
     if engine == "aoti":
-        from speeder_rt.export.aoti_engine import AotiRunner as cls
-    else:
-        from speeder_rt.export.trt_engine import TrtRunner as cls
-    return cls(root / artifacts["scores"], topk_path, topk, device)
+        from speeder_rt.export.aoti_engine import AotiRunner
+
+        return AotiRunner(root / artifacts["scores"], topk_path, topk, device)
+    from speeder_rt.export.trt_engine import TrtRunner
+
+    return TrtRunner(root / artifacts["scores"], topk_path, topk, device)
 
 
 def check_threads(threads: int | None) -> None:

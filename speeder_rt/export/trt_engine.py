@@ -26,10 +26,13 @@ def available() -> bool:
     return True
 
 
-def profile_shapes(ranges: Ranges, topk: bool) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+Profile = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (min, opt, max) shapes of an input
+
+
+def profile_shapes(ranges: Ranges, topk: bool) -> dict[str, Profile]:
     """input name -> (min, opt, max) shapes."""
     b, n, k = ranges.max_batch, ranges.max_history, ranges.max_candidates
-    hist = ((1, 1), (b, min(10, n)), (b, n))
+    hist: Profile = ((1, 1), (b, min(10, n)), (b, n))
     shapes = {"history_ids": hist, "history_mask": hist}
     if not topk:
         shapes["candidate_ids"] = ((1, 1), (b, min(20, k)), (b, k))

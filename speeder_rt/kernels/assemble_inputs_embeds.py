@@ -35,7 +35,6 @@ prompt with ``SpeederModel.prompt``. Registered as ``torch.ops.speeder_triton.as
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -285,5 +284,6 @@ def assemble_inputs_embeds_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``prompt_layout.assemble_inputs_embeds_reference`` (the plain PyTorch definition); ``validate`` is accepted
     for signature parity and ignored."""
-    return prompt_layout.assemble_inputs_embeds_reference(item_table, history, history_len, candidates, recency, candidate_embedding, template_ids,
-                     embed_weight, template_sizes)
+    return prompt_layout.assemble_inputs_embeds_reference(item_table, history, history_len, candidates, recency,
+                                                          candidate_embedding, template_ids, embed_weight,
+                                                          template_sizes)

@@ -66,7 +66,8 @@ modality, since the widths d_m are compile-time constants.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -106,7 +107,7 @@ class ExpertParams(NamedTuple):
     b2: torch.Tensor  # [d_h]
 
     @classmethod
-    def from_module(cls, expert) -> "ExpertParams":
+    def from_module(cls, expert) -> ExpertParams:
         """From a ``speeder_rt.model.mome.ModalityExpert`` (its parameters themselves, so gradients reach it)."""
         return cls(expert.norm.weight, expert.norm.bias, expert.fc1.weight, expert.fc1.bias, expert.fc2.weight,
                    expert.fc2.bias)

@@ -1,4 +1,5 @@
-"""The prompt layout, and the plain PyTorch reference of ``assemble_inputs_embeds`` built on it: ``[prefix] [h_1 .. h_n] [middle] [c_1 .. c_K] [suffix] [PRED]``, right-padded.
+"""The prompt layout ``[prefix] [h_1 .. h_n] [middle] [c_1 .. c_K] [suffix] [PRED]``, right-padded, and the plain
+PyTorch reference of ``assemble_inputs_embeds`` built on it.
 
 Every sample of a batch has history width ``W`` (right-padded, ``n_b <= W`` real items) and ``K``
 candidates, so the batch's sequence length is static: ``L = P + W + Mi + K + S + 1``; sample ``b``

@@ -117,7 +117,9 @@ def flash_attention(module, query, key, value, attention_mask, scaling=None, dro
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         use_flash = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-        backends = [SDPBackend.FLASH_ATTENTION] if use_flash else [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        backends = [SDPBackend.FLASH_ATTENTION]
+        if not use_flash:
+            backends += [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         with sdpa_kernel(backends):
             out = F.scaled_dot_product_attention(query, key, value, dropout_p=p, is_causal=True, scale=scaling,
                                                  enable_gqa=True).transpose(1, 2)

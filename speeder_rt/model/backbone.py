@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -19,10 +19,14 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 # Shapes of real models, for random-init speed work (hidden, layers, heads, kv heads, intermediate, vocab).
 SHAPES: dict[str, dict[str, int | str]] = {
-    "tiny": dict(arch="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab_size=512),
-    "smollm2-135m": dict(arch="llama", hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536, vocab_size=49152),
-    "qwen2-0.5b": dict(arch="qwen2", hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864, vocab_size=151936),
-    "qwen2-1.5b": dict(arch="qwen2", hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960, vocab_size=151936),
+    "tiny": dict(arch="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                 vocab_size=512),
+    "smollm2-135m": dict(arch="llama", hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                         intermediate_size=1536, vocab_size=49152),
+    "qwen2-0.5b": dict(arch="qwen2", hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                       intermediate_size=4864, vocab_size=151936),
+    "qwen2-1.5b": dict(arch="qwen2", hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+                       intermediate_size=8960, vocab_size=151936),
 }
 
 
@@ -84,7 +88,7 @@ class BackboneConfig:
 def _random_config(cfg: BackboneConfig, attn_implementation: str):
     from transformers import LlamaConfig, Qwen2Config
 
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
@@ -109,7 +113,7 @@ def load_backbone(cfg: BackboneConfig, attn_implementation: str = "eager") -> tu
                 raise ValueError(f"backbone.gguf_file: {gguf} does not exist")
             source, extra = str(gguf.parent), {"gguf_file": gguf.name}
         else:
-            source, extra = cfg.pretrained, {}
+            source, extra = str(cfg.pretrained), {}
             if not Path(source).is_dir():
                 raise ValueError(f"backbone.pretrained: {source} is not a directory")
         model = AutoModelForCausalLM.from_pretrained(source, dtype=cfg.torch_dtype, attn_implementation=attn_implementation, **extra)

@@ -15,6 +15,8 @@ modality gets the zero token.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -22,6 +24,10 @@ from speeder_rt.kernels.mome_math import LN_EPS, mome_tokens
 
 
 class ModalityExpert(nn.Module):
+    norm: nn.LayerNorm
+    fc1: nn.Linear
+    fc2: nn.Linear
+
     def __init__(self, d_in: int, d_expert: int, d_hidden: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_in, eps=LN_EPS)
@@ -42,6 +48,6 @@ class MixtureOfModalityExperts(nn.Module):
 
     def forward(self, features: dict[str, torch.Tensor], active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features[m]: [N, d_m]; active: bool [N, M] (available and enabled) -> (tokens [N, d_h], gates [N, M])."""
-        experts = [self.experts[m] for m in self.modalities]
+        experts = [cast(ModalityExpert, self.experts[m]) for m in self.modalities]
         params = [(e.norm.weight, e.norm.bias, e.fc1.weight, e.fc1.bias, e.fc2.weight, e.fc2.bias) for e in experts]
         return mome_tokens([features[m] for m in self.modalities], active, params, self.gate.weight, self.gate.bias)

@@ -12,7 +12,7 @@ Module sets: ``experts`` (the experts of the stage's enabled modalities), ``expe
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from torch import nn
 
@@ -77,7 +77,7 @@ def new_modalities(stages: list[MPOStage], index: int) -> list[str]:
     return [m for m in stages[index].modalities if m not in previous]
 
 
-def select_parameters(model: nn.Module, sets: list[str], modalities: list[str]) -> dict[str, nn.Parameter]:
+def select_parameters(model: Any, sets: list[str], modalities: list[str]) -> dict[str, nn.Parameter]:
     """Parameters of a Speeder model belonging to the named module sets."""
     chosen: dict[str, nn.Parameter] = {}
 
@@ -117,7 +117,7 @@ def select_parameters(model: nn.Module, sets: list[str], modalities: list[str]) 
     return chosen
 
 
-def set_trainable(model: nn.Module, sets: list[str], modalities: list[str]) -> list[nn.Parameter]:
+def set_trainable(model: Any, sets: list[str], modalities: list[str]) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze the named sets; returns the trainable parameters."""
     params = select_parameters(model, sets, modalities)
     for p in model.parameters():

@@ -57,7 +57,7 @@ class PretrainedModel:
         return save_model_dir(path, self, run_config=run_config, merge_lora=merge_lora)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path):
+    def from_pretrained(cls, path: str | Path) -> Any:
         """The model of a directory written by ``save_pretrained`` (or a trainer's best/ or last/), on the CPU in
         eval mode; reads only that directory."""
         return load_model_dir(path, cls)
@@ -103,7 +103,7 @@ def read_model_config(path: str | Path, kind: str | None = None) -> dict[str, An
     return config
 
 
-def model_config(cls: type, config: dict[str, Any], path: Path) -> Any:
+def model_config(cls: Any, config: dict[str, Any], path: Path) -> Any:
     """The config dataclass of the model class ``cls`` from config.json's model_config."""
     try:
         return cls.config_class(**config["model_config"])
@@ -112,7 +112,7 @@ def model_config(cls: type, config: dict[str, Any], path: Path) -> Any:
 
 
 # -- save -----------------------------------------------------------------------------------------------------
-def save_model_dir(path: str | Path, model: nn.Module, *, state_dict: dict[str, torch.Tensor] | None = None,
+def save_model_dir(path: str | Path, model: Any, *, state_dict: dict[str, torch.Tensor] | None = None,
                    run_config: dict[str, Any] | None = None, extra_files: Callable[[Path], None] | None = None,
                    merge_lora: bool = False) -> Path:
     """Write ``model`` as a model directory at ``path`` atomically (temp dir + rename; an existing one is replaced).
@@ -154,7 +154,7 @@ def save_model_dir(path: str | Path, model: nn.Module, *, state_dict: dict[str, 
     return Path(path)
 
 
-def _merged_copy(model: nn.Module) -> nn.Module:
+def _merged_copy(model: Any) -> Any:
     """A copy of ``model`` with its peft-wrapped child's adapters folded in (peft's merge_and_unload)."""
     from peft import PeftModel
 
@@ -166,7 +166,7 @@ def _merged_copy(model: nn.Module) -> nn.Module:
     return clone
 
 
-def _check_table_buffers(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def _check_table_buffers(model: Any, state: dict[str, torch.Tensor]) -> None:
     """The buffers restored from the item table on load must equal it now, or the saved model would differ."""
     for name, want in getattr(model, "item_table_buffers", dict)().items():
         have = state[name].detach().cpu()
@@ -188,7 +188,7 @@ def skipped_keys(model: nn.Module) -> set[str]:
 
 
 # -- load -----------------------------------------------------------------------------------------------------
-def load_model_dir(path: str | Path, cls: type) -> Any:
+def load_model_dir(path: str | Path, cls: Any) -> Any:
     """The model of a model directory written for the model class ``cls``, on the CPU in eval mode (the caller's RNG
     state is left as it was)."""
     config = read_model_config(path, cls.model_kind)

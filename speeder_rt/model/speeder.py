@@ -71,6 +71,11 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 class SpeederModel(PretrainedModel, nn.Module):
     model_kind = "speeder"
     config_class = SpeederConfig
+    # Buffers and the transformers decoder, declared for the type checker (nn.Module's attribute lookup is untyped).
+    available: torch.Tensor  # bool [N, M]: the item table's availability masks
+    enabled: torch.Tensor  # bool [M]: the modalities the current MPO stage enables
+    template: torch.Tensor  # int64: the template's token ids, prefix + middle + suffix + pred
+    decoder: Any  # the backbone's decoder (transformers, optionally peft-wrapped)
 
     def __init__(self, cfg: SpeederConfig, table: ItemTable, backbone: tuple[nn.Module, Any] | None = None) -> None:
         """``backbone``: an already built (causal LM, tokenizer or None) to use instead of loading
@@ -83,6 +88,7 @@ class SpeederModel(PretrainedModel, nn.Module):
         self.item_table = table
         self.num_items = len(table)
         backend = resolve_backend(cfg.attn_backend, "cpu")
+        lm: Any
         lm, tokenizer = backbone or load_backbone(cfg.backbone, attention.implementation_name(backend))
         self.tokenizer, self.lm_config = tokenizer, lm.config
         decoder = lm.get_decoder()

@@ -23,10 +23,10 @@ import numpy as np
 import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 from speeder_rt.export.format import Ranges
-from speeder_rt.runtime.validation import Ids, RequestContract
+from speeder_rt.runtime.validation import Ids, RequestContract, Rows
 
 try:
-    from speeder_rt import _C
+    import speeder_rt._C as _C
 except ImportError:  # the extension is not built
     _C = None
 
@@ -76,5 +76,5 @@ class CppRecommender:
         return np.asarray(ids, dtype=np.int64).reshape(-1, k), np.asarray(scores, dtype=np.float32).reshape(-1, k)
 
 
-def _lists(rows: Sequence[np.ndarray]) -> list[list[int]]:
+def _lists(rows: Rows) -> list[list[int]]:
     return [row.tolist() for row in rows]

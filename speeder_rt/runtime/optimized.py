@@ -149,7 +149,7 @@ class OptimizedSpeeder:
 
     def _capture(self, key: tuple[int, int, int], example: Inputs) -> _Graph:
         """Warm up on a side stream (Triton autotuning, lazy inits), then capture one graph for ``key``."""
-        static = tuple(t.clone() for t in example)
+        static: Inputs = (example[0].clone(), example[1].clone(), example[2].clone())
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):

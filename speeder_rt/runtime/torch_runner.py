@@ -30,6 +30,8 @@ class TorchRunner:
 
     @torch.no_grad()
     def topk(self, history_ids: np.ndarray, history_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._topk is None:
+            raise ValueError("this runner has no top-k graph (topk_k=0)")
         ids, scores = self._topk(*self._to(history_ids, history_mask))
         return ids.cpu().numpy(), scores.cpu().numpy()
 

@@ -34,25 +34,25 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, TypeGuard, Union
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch
 
-Ids = Union[Sequence[Sequence[int]], np.ndarray, "torch.Tensor"]
-Rows = Sequence[np.ndarray]  # int64 rows: a list of 1-D arrays, or a 2-D array
+Ids = Union[Sequence[Sequence[int]], Sequence[np.ndarray], np.ndarray, "torch.Tensor"]
+Rows = Sequence[np.ndarray] | np.ndarray  # int64 rows: a list of 1-D arrays, or a 2-D array
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 STRING_SHOWN = 40  # characters of a refused string that a message quotes
 
 
-def array_types() -> tuple[type, ...]:
-    """numpy arrays, and torch tensors once torch is imported: a tensor cannot exist before, so the contract checks
+def is_array(value: object) -> TypeGuard[np.ndarray | torch.Tensor]:
+    """A numpy array, or a torch tensor once torch is imported: a tensor cannot exist before, so the contract checks
     requests without importing torch (an ONNX export is served without it)."""
     torch = sys.modules.get("torch")
-    return (np.ndarray,) if torch is None else (np.ndarray, torch.Tensor)
+    return isinstance(value, np.ndarray) or (torch is not None and isinstance(value, torch.Tensor))
 
 
 class RequestError(ValueError):
@@ -78,7 +78,7 @@ def describe(value: Any) -> str:
         return repr(float(value))
     if isinstance(value, str):
         return json.dumps(value[:STRING_SHOWN], ensure_ascii=False) + ("..." if len(value) > STRING_SHOWN else "")
-    if isinstance(value, array_types()):
+    if is_array(value):
         return f"an array of shape {list(value.shape)} and dtype {dtype_name(value.dtype)}"
     if isinstance(value, (list, tuple)):
         return f"a {type(value).__name__} of length {len(value)}"
@@ -143,7 +143,7 @@ class RequestContract:
     def parse_histories(self, history_ids: Ids) -> list[np.ndarray]:
         """One int64 array of real items per user (not yet checked: rows may be empty, long or out of range)."""
         field = "history_ids"
-        if isinstance(history_ids, array_types()) and history_ids.ndim == 2:
+        if is_array(history_ids) and history_ids.ndim == 2:
             ids = self._int64_array(history_ids, field)
             real = ids >= 0
             late = real[:, 1:] & ~real[:, :-1]
@@ -159,7 +159,7 @@ class RequestContract:
     def parse_candidates(self, candidate_ids: Ids) -> Rows:
         """Rows of int64 ids (not yet checked: rows may differ in length or be out of range)."""
         field = "candidate_ids"
-        if isinstance(candidate_ids, array_types()) and candidate_ids.ndim == 2:
+        if is_array(candidate_ids) and candidate_ids.ndim == 2:
             return self._int64_array(candidate_ids, field)
         if not isinstance(candidate_ids, (list, tuple)):
             raise RequestError(field, f"expected a list of candidate rows or a 2-D array, got {describe(candidate_ids)}")
@@ -186,7 +186,7 @@ class RequestContract:
 
     def _id_row(self, values: Any, field: str) -> np.ndarray:
         """A list / tuple of item ids or a 1-D integer array / tensor, as int64."""
-        if isinstance(values, array_types()) and values.ndim == 1:
+        if is_array(values) and values.ndim == 1:
             return self._int64_array(values, field)
         if not isinstance(values, (list, tuple)):
             raise RequestError(field, f"expected a list of item ids, got {describe(values)}")
@@ -198,7 +198,8 @@ class RequestContract:
         try:
             return np.array(values, dtype=np.int64)
         except OverflowError:  # beyond int64
-            raise RequestError(field, self._out_of_range(next(v for v in values if not INT64_MIN <= v <= INT64_MAX)))
+            beyond = next(v for v in values if not INT64_MIN <= v <= INT64_MAX)
+            raise RequestError(field, self._out_of_range(beyond)) from None
 
     def _int64_array(self, values: np.ndarray | torch.Tensor, field: str) -> np.ndarray:
         """An integer array / tensor as int64; an unsigned value beyond int64 is out of range (in row order)."""
@@ -232,7 +233,7 @@ class RequestContract:
         if len(candidates) != batch:
             raise RequestError(field, f"{len(candidates)} rows for {batch} histories")
         self.check_count(len(candidates[0]), field)
-        array = np.stack(candidates) if isinstance(candidates, list) else candidates
+        array = candidates if isinstance(candidates, np.ndarray) else np.stack(candidates)
         self.check_ids(array, field)
         return array
 

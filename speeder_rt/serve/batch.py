@@ -11,8 +11,7 @@ INVALID_ARGUMENT); anything else is a server error.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Union
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -25,7 +24,7 @@ CLIENT_ERRORS: tuple[type[Exception], ...] = (RequestError,)
 
 Inputs = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
-Answer = Union[Outputs, Exception]
+Answer = Outputs | Exception
 
 
 def histories(history_ids: np.ndarray, history_mask: np.ndarray) -> list[np.ndarray]:
@@ -86,7 +85,7 @@ GRAPHS: dict[str, tuple[Callable[[Recommender, Inputs], Outputs],
 }
 
 
-def answer(rec: Recommender, graph: str, requests: list[Inputs]) -> list[Answer]:
+def answer(rec: Recommender, graph: str, requests: list[Inputs]) -> Sequence[Answer]:
     """One answer per request: its outputs, or the exception that refused it (a ``CLIENT_ERRORS`` member for
     a bad request; anything else is a server fault)."""
     one, merged = GRAPHS[graph]

@@ -21,9 +21,9 @@ import sys
 import sysconfig
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from speeder_rt.export.format import EXPORT_JSON, PYTHON_REPOSITORY, read_export_json
 

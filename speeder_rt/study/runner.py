@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -246,7 +246,7 @@ def run_row(study: Study, row: Row, seed: int, kinds: frozenset[str], log: Log, 
 
 def _record(row: Row, seed: int, key: dict[str, Any], outcome: dict[str, Any]) -> dict[str, Any]:
     return {"row": row.id, "seed": seed, "kind": row.kind, **outcome,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": key}
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"), "config": key}
 
 
 def run_study(study: Study, log: Log = print, progress: bool = True, jobs: int = 1) -> dict[str, Any]:
@@ -294,7 +294,7 @@ def run_study(study: Study, log: Log = print, progress: bool = True, jobs: int =
         if todo:
             results.setdefault("invocations", []).append(
                 {"runs": len(todo), "jobs": jobs, "wall_s": time.perf_counter() - start,
-                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                 "finished": datetime.now(UTC).isoformat(timespec="seconds")})
             write_json(out / RESULTS, results)
     return results
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from speeder_rt.data import ItemTable, SequenceData
 from speeder_rt.model.pretrained import ITEMS, check_model_dir

@@ -24,8 +24,16 @@ from speeder_rt.data.sequences import SplitConfig
 from speeder_rt.data.synthetic import SyntheticConfig
 from speeder_rt.model.mpo import MPODefaults, MPOStage, validate_schedule
 from speeder_rt.model.speeder import SpeederConfig
-from speeder_rt.utils.schema import (ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check,
-                                     from_dict, invalid)
+from speeder_rt.utils.schema import (
+    ConfigError,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    check,
+    from_dict,
+    invalid,
+)
 
 SOURCES = "synthetic, movielens[:DIR], csv:FILE, amazon:REVIEWS[,META]"
 

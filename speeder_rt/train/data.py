@@ -13,7 +13,7 @@ from speeder_rt.data.interactions import Interactions
 from speeder_rt.train.config import RunConfig, parse_source
 
 
-def load_interactions(source: str, synthetic: SyntheticConfig = SyntheticConfig()
+def load_interactions(source: str, synthetic: SyntheticConfig | None = None
                       ) -> tuple[Interactions, ItemTable | None]:
     """(interactions, a table with generated features for synthetic data or None) of a ``data.source``."""
     kind, arg = parse_source(source)
@@ -62,7 +62,8 @@ def item_table(cfg: RunConfig, inter: Interactions, data: SequenceData, table: I
     if table is None:
         table = ItemTable(inter.item_keys, titles=inter.titles, descriptions=inter.descriptions)
     wants = set(cfg.model.modalities)
-    if "text" in wants and (cfg.data.text_features == "minilm" or (cfg.data.text_features == "auto" and "text" not in table.modalities)):
+    text_source = cfg.data.text_features
+    if "text" in wants and (text_source == "minilm" or (text_source == "auto" and "text" not in table.modalities)):
         from speeder_rt.data.features import add_text_features
 
         start = time.perf_counter()

@@ -12,7 +12,8 @@ scheduler, progress, RNG). Resuming from ``last/`` reproduces the uninterrupted 
 processes compute with one intra-op thread (``torch.set_num_threads(1)``); with more, CPU kernels (MKL's
 threaded GEMMs) may sum in a different order from run to run, so even two uninterrupted runs agree only to
 fp32 rounding (measured on 2 threads: up to 5.6e-6 in the weights after configs/demo.yaml's run reduced to
-text+image and 1,024 samples per epoch), and so does a resumed one. Resuming a finished run loads its state and trains nothing (``complete``).
+text+image and 1,024 samples per epoch), and so does a resumed one. Resuming a finished run loads its state and
+trains nothing (``complete``).
 
 Under torchrun the same loop runs on every rank (``speeder_rt.train.distributed``): ``train.batch_size`` is the
 global batch, each rank trains on its share of every step's batch, validation shards the users and gathers
@@ -38,8 +39,18 @@ from speeder_rt.data import ItemTable, SequenceData
 from speeder_rt.data.sequences import draw_candidates
 from speeder_rt.model.pretrained import ITEMS, check_model_dir, load_weights, read_model_config
 from speeder_rt.train.config import RunConfig, run_config_from_dict
-from speeder_rt.train.distributed import (World, all_reduce_sum, barrier, check_batch, gather_rank_rng, micro_batches,
-                                          parallel_mode, parallel_model, pick_device, restore_rank_rng)
+from speeder_rt.train.distributed import (
+    World,
+    all_reduce_sum,
+    barrier,
+    check_batch,
+    gather_rank_rng,
+    micro_batches,
+    parallel_mode,
+    parallel_model,
+    pick_device,
+    restore_rank_rng,
+)
 from speeder_rt.train.kinds import Phase, kind_named, kind_of
 from speeder_rt.train.resume import RESUME_TENSORS, ResumeState, read_resume_state, save_checkpoint
 from speeder_rt.utils.readers import first_difference

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from speeder_rt.train.config import load_run_config, run_config_from_dict
+from speeder_rt.train.config import RunConfig, load_run_config, run_config_from_dict
 from speeder_rt.train.config_reference import COMMAND, anchor, render
+from speeder_rt.utils.schema import schema_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "docs" / "study" / "README.md",
@@ -223,3 +224,24 @@ def test_yaml_examples_are_run_configs() -> None:
 def test_config_reference_is_generated() -> None:
     written = (ROOT / "docs" / "config_reference.md").read_text(encoding="utf-8")
     assert written == render(), f"docs/config_reference.md differs from the schema: run `{COMMAND}`"
+
+
+def test_config_reference_keys_and_defaults_are_the_schemas() -> None:
+    """Each documented key (outside the mpo list) set to its documented default is accepted and read back."""
+    checked = 0
+    for section in schema_reference(RunConfig, RunConfig()):
+        for key in section.keys:
+            if key.section or "[i]" in key.path:
+                continue
+            *parents, name = key.path.split(".")
+            raw: dict = {}
+            node = raw
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[name] = key.default
+            value = run_config_from_dict(raw, "reference")
+            for part in key.path.split("."):
+                value = value[part] if isinstance(value, dict) else getattr(value, part)
+            assert value == key.default, key.path
+            checked += 1
+    assert checked > 50, checked

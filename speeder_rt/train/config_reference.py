@@ -12,7 +12,6 @@ import dataclasses
 import json
 import re
 import sys
-from typing import Any
 
 from speeder_rt.train.config import RunConfig
 from speeder_rt.utils.io import atomic_path

@@ -92,7 +92,7 @@ def _unpickle(old: Path) -> dict[str, Any]:
     return ckpt
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m speeder_rt.convert",
                                      description="Convert a pickled best.pt / last.pt into a model directory.")
     parser.add_argument("old", help="the .pt checkpoint of an earlier speeder_rt")
@@ -101,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="unpickle OLD (with torch.load(weights_only=True)); only for a file you trust")
     parser.add_argument("--items", help="the item table directory it was trained with (default: the one it recorded)")
     parser.add_argument("--force", action="store_true", help="replace an existing NEW_DIR")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if not args.trust_pickle:
         print(f"error: converting {args.old} means unpickling it, and unpickling runs whatever code the file carries; "
               "pass --trust-pickle only for a file you (or someone you trust) wrote", file=sys.stderr)

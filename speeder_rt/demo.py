@@ -75,11 +75,16 @@ def _config(path: str, data: str | None, models: list[str]) -> RunConfig:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m speeder_rt.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run configuration (default: configs/demo.yaml)")
     parser.add_argument("--data", help="override data.source: synthetic, movielens[:DIR], csv:FILE, amazon:REVIEWS[,META]")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]

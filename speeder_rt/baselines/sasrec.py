@@ -35,13 +35,13 @@ class SASRecConfig:
     hidden: PositiveInt = 64
     num_blocks: PositiveInt = 2
     num_heads: PositiveInt = 1
-    max_len: PositiveInt = 50
+    max_len: PositiveInt = 50  # most recent items SASRec reads
     dropout: DropoutRate = 0.2
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.0
     batch_size: PositiveInt = 128
     epochs: PositiveInt = 40
-    eval_every: PositiveInt = 5
+    eval_every: PositiveInt = 5  # epochs between validations (the best is kept)
     seed: NonNegativeInt = 0
 
     def __post_init__(self) -> None:

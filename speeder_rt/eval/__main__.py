@@ -13,14 +13,18 @@ from speeder_rt.eval.metrics import format_table
 from speeder_rt.utils.io import write_json
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m speeder_rt.eval", description="Evaluate a trained model directory.")
     parser.add_argument("--checkpoint", required=True, help="a model directory (e.g. runs/demo/speeder/best)")
     parser.add_argument("--split", default="test", choices=["test", "valid"])
     parser.add_argument("--full-catalog", action="store_true", help="rank against every item instead of 20 candidates")
     parser.add_argument("--out", help="metrics JSON (default: beside the model directory, "
                                       "<checkpoint>_metrics_<split>[_full_catalog].json)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from speeder_rt.train.kinds import kind_of
     from speeder_rt.train.trainer import load_trained
 

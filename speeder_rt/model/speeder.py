@@ -36,8 +36,8 @@ from speeder_rt.utils.schema import PositiveInt, check, invalid
 @dataclass
 class SpeederConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    modalities: list[str] = field(default_factory=lambda: ["text", "collab", "image"])
-    d_expert: PositiveInt = 256
+    modalities: list[str] = field(default_factory=lambda: ["text", "collab", "image"])  # MRC experts, one each
+    d_expert: PositiveInt = 256  # hidden width of each modality expert's MLP
     max_history: PositiveInt = 50  # recency table size; longer histories are refused
     relative_bias: bool = True  # SPAE's attention bias (False: plain causal attention)
     recency: bool = True  # the recency table P added to history tokens (False: no such table, nothing added)

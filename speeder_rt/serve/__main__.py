@@ -15,7 +15,7 @@ from pathlib import Path
 from speeder_rt.serve.server import Endpoints, ServeError, serve
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m speeder_rt.serve", description=(
         "Serve an export (onnx, aoti, trt) on Triton Inference Server: models speeder (history_ids, history_mask, "
         "candidate_ids -> scores) and speeder_topk (history_ids, history_mask -> item_ids, scores)."))
@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="model instances (processes) per model (default: the export's, 1)")
     parser.add_argument("--threads", type=int, default=None,
                         help="the engine's CPU threads per instance (default: the export's, 1)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     endpoints = Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port)
     log = lambda line: print(line, flush=True)  # noqa: E731
     try:

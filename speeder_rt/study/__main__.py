@@ -27,7 +27,7 @@ def rows_for(rows: list[str] | None, history_len: int | None) -> list[str] | Non
     return rows or (list(SPAE_ROWS + BASELINE_ROWS) if history_len else None)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m speeder_rt.study", description=(
         "The ablation study: full Speeder, MRC over fewer modalities, SPAE / recency / MPO off, SASRec, popularity "
         "and random, each trained and evaluated on the test split for every seed; resumable."))
@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default "
                                                              "1; on a CPU, the cores over the config's train.num_threads)")
     parser.add_argument("--no-progress", action="store_true", help="no bar over the runs")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     rows = rows_for(args.rows, args.history_len)
     try:
         require_matplotlib()

@@ -19,12 +19,16 @@ from speeder_rt.train.kinds import MODEL_KINDS, SPEEDER
 from speeder_rt.train.trainer import Trainer, check_table_fits
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m speeder_rt.train", description="Train Speeder or the text-item baseline.")
     parser.add_argument("--config", required=True, help="run configuration YAML (see configs/)")
     parser.add_argument("--model", default=SPEEDER.name, choices=MODEL_KINDS)
     parser.add_argument("--resume", help="a run's last/ directory (<out_dir>/<model>/last) to continue from")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         cfg = load_run_config(args.config)
         cfg.train.apply_process_settings()

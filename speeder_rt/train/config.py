@@ -48,7 +48,7 @@ def parse_source(source: str) -> tuple[str, str]:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # see SOURCES
+    source: str = "synthetic"  # synthetic, movielens[:DIR], csv:FILE or amazon:REVIEWS[,META] (SOURCES)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     split: SplitConfig = field(default_factory=lambda: SplitConfig(short_users="drop"))  # seed: the run's (file)
     text_features: Literal["auto", "minilm", "none"] = "auto"  # auto: synthetic: generated; else MiniLM
@@ -76,13 +76,13 @@ class TrainConfig:
     batch_size: PositiveInt = 64  # the global batch: over all ranks under torchrun, a multiple of the world size
     grad_accumulation: PositiveInt = 1  # micro-batches per step and rank (batch_size / world size / this each)
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun; auto: ddp with LoRA, fsdp (FSDP2) without
-    eval_batch_size: PositiveInt = 256
+    eval_batch_size: PositiveInt = 256  # users per validation / test batch
     weight_decay: NonNegativeFloat = 0.0
-    grad_clip: PositiveFloat = 1.0
+    grad_clip: PositiveFloat = 1.0  # max gradient norm
     max_train_samples_per_epoch: PositiveInt | None = None  # subsample the training split each epoch
     checkpoint_every: NonNegativeInt = 0  # steps; 0 = at epoch ends only
     device: str = "auto"  # auto (cuda when available) or a torch device: cpu, cuda, cuda:1
-    progress: bool = True
+    progress: bool = True  # progress bars (SASRec, features, training, generation)
     num_threads: PositiveInt | None = None  # torch intra-op threads of the process (None: torch's default)
     deterministic: bool = False  # Triton kernels: one fixed config per shape, fixed summation order (bitwise runs)
 

@@ -22,8 +22,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import inspect
+import io
 import math
 import numbers
+import re
+import tokenize
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -259,6 +263,90 @@ def _plural(tp: Any) -> str:
         return "mappings"
     return {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(
         base, "lists" if get_origin(base) is list else "values")
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One key of a config schema: its path (``data.split.history_len``), what it allows (in words), its
+    default (``MISSING`` when required), the comment on its line in the source and whether it holds a nested
+    section (or a list of them) documented on its own."""
+
+    path: str
+    allowed: str
+    default: Any
+    note: str
+    section: bool
+
+
+@dataclass(frozen=True)
+class SectionDoc:
+    """One mapping of a config schema: its path (``""`` for the top level), the class docstring and its keys."""
+
+    path: str
+    doc: str
+    keys: list[KeyDoc]
+
+
+def schema_reference(cls: type, values: Any = None, path: str = "") -> list[SectionDoc]:
+    """Every key of config dataclass / TypedDict ``cls``, section by section (nested sections after their parent,
+    a list of sections as ``path[i]``). Defaults are read from ``values`` (an instance, or a mapping for a
+    TypedDict) where given, else from the class, so a section whose owner sets other defaults shows those."""
+    hints, notes = _hints(cls), _field_notes(cls)
+    if dataclasses.is_dataclass(cls):
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        names = list(fields)
+    else:
+        fields, names = {}, list(hints)
+    own: list[KeyDoc] = []
+    nested: list[SectionDoc] = []
+    for name in names:
+        if values is not None:
+            default = values.get(name, dataclasses.MISSING) if isinstance(values, Mapping) else getattr(values, name)
+        elif name in fields:
+            f = fields[name]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        else:
+            default = dataclasses.MISSING
+        key = f"{path}.{name}" if path else name
+        section, many = _section_type(hints[name])
+        own.append(KeyDoc(key, _describe(hints[name]), default, notes.get(name, ""), section is not None))
+        if section is not None:
+            given = None if default is dataclasses.MISSING or default is None or many else default
+            nested += schema_reference(section, given, f"{key}[i]" if many else key)
+    doc = inspect.cleandoc(cls.__doc__ or "") if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") else ""
+    return [SectionDoc(path, doc, own), *nested]
+
+
+def _section_type(tp: Any) -> tuple[type | None, bool]:
+    """The config class a field holds (unwrapping ``X | None`` and ``list[X]``) and whether it is a list of them."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        return _section_type(args[0])
+    if origin in (Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        return _section_type(options[0]) if len(options) == 1 else (None, False)
+    if origin is list:
+        inner, _ = _section_type(args[0])
+        return inner, inner is not None
+    return (tp, False) if dataclasses.is_dataclass(tp) or is_typeddict(tp) else (None, False)
+
+
+_FIELD_LINE = re.compile(r"\s*(\w+)\s*:")
+
+
+def _field_notes(cls: type) -> dict[str, str]:
+    """The comment at the end of each field's line in the class body (``batch_size: int = 64  # the global batch``)."""
+    try:
+        lines = inspect.getsource(cls).splitlines(keepends=True)
+    except (OSError, TypeError):
+        return {}
+    notes = {}
+    for token in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
+        if token.type == tokenize.COMMENT:
+            match = _FIELD_LINE.match(lines[token.start[0] - 1])
+            if match and token.start[1] > match.end():
+                notes[match.group(1)] = token.string.lstrip("#").strip()
+    return notes
 
 
 def _base_type(tp: Any) -> Any:

@@ -60,7 +60,7 @@ publish() {  # state: summary.txt and logs.tar.gz into $OUT_DIR now (each writte
         table="no report: the suites step wrote no summary (see logs.tar.gz: suites.log)" ;; esac
     {
         echo "gpu_check $CALL ($MODE, $SHAPE): $state, ${SECONDS}s"
-        printf '  %s\n' "${STATUS[@]}"
+        [ ${#STATUS[@]} -gt 0 ] && printf '  %s\n' "${STATUS[@]}"
         echo "files: $OUT_DIR/{summary.txt,logs.tar.gz,sm90_report.md,report.json,report.md,report.png}"
         [ -n "$table" ] && printf '\n%s\n' "$table"
     } >"$OUT_DIR/.summary.txt"

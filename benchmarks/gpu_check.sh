@@ -47,7 +47,7 @@ if "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/
     T_BUILD="${T_BUILD:-240}" T_CPP="${T_CPP:-240}"
 else
     MODE=cpu SHAPE=tiny
-    T_PRECOMPILE="${T_PRECOMPILE:-900}" T_TESTS="${T_TESTS:-300}" T_SUITES="${T_SUITES:-300}" T_KERNELS="${T_KERNELS:-120}"
+    T_PRECOMPILE="${T_PRECOMPILE:-900}" T_TESTS="${T_TESTS:-300}" T_SUITES="${T_SUITES:-600}" T_KERNELS="${T_KERNELS:-120}"
     T_BUILD="${T_BUILD:-900}" T_CPP="${T_CPP:-900}"
 fi
 

@@ -61,7 +61,8 @@ publish() {  # state: summary.txt and logs.tar.gz into $OUT_DIR now (each writte
     {
         echo "gpu_check $CALL ($MODE, $SHAPE): $state, ${SECONDS}s"
         [ ${#STATUS[@]} -gt 0 ] && printf '  %s\n' "${STATUS[@]}"
-        echo "files: $OUT_DIR/{summary.txt,logs.tar.gz,sm90_report.md,report.json,report.md,report.png}"
+        if [ "$CALL" = main ]; then echo "files: $OUT_DIR/{summary.txt,logs.tar.gz,sm90_report.md,report.json,report.md,report.png}"
+        else echo "files: $OUT_DIR/{summary.txt,logs.tar.gz}"; fi
         [ -n "$table" ] && printf '\n%s\n' "$table"
     } >"$OUT_DIR/.summary.txt"
     mv -f "$OUT_DIR/.summary.txt" "$OUT_DIR/summary.txt"
@@ -76,7 +77,7 @@ step() {  # name limit_s command...: run with a time limit, log to $LOGS/name.lo
     timeout -s INT -k 20 "$limit" "$@" >>"$LOGS/$name.log" 2>&1
     rc=$?
     case $rc in 0) ;; 124|137) note=" (timed out)"; FAILED=1 ;; *) FAILED=1 ;; esac
-    STATUS+=("$(printf '%-10s rc=%-3s %4ss of %4ss%s' "$name" "$rc" "$((SECONDS - start))" "$limit" "$note")")
+    STATUS+=("$(printf '%-11s rc=%-3s %4ss of %4ss%s' "$name" "$rc" "$((SECONDS - start))" "$limit" "$note")")
     tail -n 3 "$LOGS/$name.log"
     publish "after $name"
 }

@@ -14,7 +14,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q 2> >(grep --line-buffered -v 
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 TORCH_CPU := torch==2.13.0
 CPP_BUILD := build/cpp
-CPP_SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu include/speeder_rt/*.h)
+CPP_SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.h include/speeder_rt/*.h)
 # Serving: nvidia-pytriton pins numpy<2 (its Python backend stub returns empty responses with numpy 2), so it gets
 # its own venv: the CPU torch file first (nothing may pull a CUDA build), then the package with serve + export.
 SERVE_VENV := .venv-serve
@@ -34,7 +34,7 @@ $(VENV)/.test: $(VENV)/.base
 	$(PIP) install -e ".[test,export,text,gguf,lint]"
 	touch $@
 
-# speeder_rt._C (the C++ ops and the C++ runtime's binding) compiles against the installed torch: no build
+# speeder_rt._C (the C++ runtime's binding) compiles against the installed torch: no build
 # isolation. Plain `pip install -e .` (the demo's) builds no extension.
 $(VENV)/.ext: $(VENV)/.test $(CPP_SOURCES)
 	$(PIP) install --no-build-isolation -e .
@@ -56,13 +56,11 @@ serve: $(SERVE_VENV)/.ready
 	@test -n "$(EXPORT)" || { echo 'usage: make serve EXPORT=DIR [SERVE_ARGS="..."] (DIR written by python -m speeder_rt.export)' >&2; exit 2; }
 	$(SERVE_PY) -m speeder_rt.serve --export "$(EXPORT)" $(SERVE_ARGS)
 
-# The C++ runtime library and examples/cpp_serving (CMake, into build/cpp), and a compile-only check of the CUDA
-# sources with nvcc (skipped with a message where there is none).
+# The C++ runtime library and examples/cpp_serving (CMake, into build/cpp).
 cpp: $(VENV)/.ext
 	test -f $(CPP_BUILD)/CMakeCache.txt || cmake -S . -B $(CPP_BUILD) \
 		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build $(CPP_BUILD) -j $$(nproc)
-	csrc/check_cuda_compile.sh $(PY)
 
 demo: $(VENV)/.base
 	$(PY) -m speeder_rt.demo
@@ -73,11 +71,11 @@ lint: $(VENV)/.test
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-# The quick sm_90a compile report (speeder_rt.kernels.sm90_report) builds the kernels for Hopper without a GPU;
+# The quick sm_90a compile report (speeder_rt.tools.sm90_report) builds the kernels for Hopper without a GPU;
 # compiled kernels and analysed rows are cached in build/sm90. Then the tests, the kernels under the interpreter.
 # The serving tests skip in .venv (no PyTriton there) and run in .venv-serve against the real tritonserver.
 test: lint cpp $(SERVE_VENV)/.ready
-	env -u TRITON_INTERPRET $(PY) -m speeder_rt.kernels.sm90_report --quick --out build/sm90
+	env -u TRITON_INTERPRET $(PY) -m speeder_rt.tools.sm90_report --quick --out build/sm90
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 	$(SERVE_PY) -m pytest -q tests/test_serve.py
 

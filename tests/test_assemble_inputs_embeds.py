@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from speeder_rt.kernels.assemble_inputs_embeds import assemble_inputs_embeds, assemble_inputs_embeds_reference
-from speeder_rt.kernels.sm90_report import PROMPT_SHAPES
+from speeder_rt.tools.sm90_report import PROMPT_SHAPES
 
 aie_module = importlib.import_module("speeder_rt.kernels.assemble_inputs_embeds")
 

@@ -2,7 +2,7 @@
 
 On CPU the kernels run under TRITON_INTERPRET=1 (fp32 / fp16 only: the interpreter mishandles bf16; its dots are
 exact fp32). The GPU cases (``@pytest.mark.gpu``) run the model's specialisations, the ones the sm90 report
-compiles (``speeder_rt.kernels.sm90_report``: D in 16..128, L in 1 / 17 / 64 / 94 / 1024, GQA 14 / 2, causal,
+compiles (``speeder_rt.tools.sm90_report``: D in 16..128, L in 1 / 17 / 64 / 94 / 1024, GQA 14 / 2, causal,
 right padding, int32 item indices, HF's transposed [B, L, H, D] layout) in bf16 and fp32, every autotune config
 forced in turn, and the deterministic mode's bitwise reproducibility.
 
@@ -32,7 +32,7 @@ from speeder_rt.kernels import (
     position_aware_attention_reference,
     use_deterministic_kernels,
 )
-from speeder_rt.kernels.sm90_report import ATTENTION_SEQ_LENS, HEAD_DIMS, MODEL_HEADS
+from speeder_rt.tools.sm90_report import ATTENTION_SEQ_LENS, HEAD_DIMS, MODEL_HEADS
 
 # The package re-exports the function under the module's name, so fetch the module itself explicitly.
 paa_module = importlib.import_module("speeder_rt.kernels.position_aware_attention")

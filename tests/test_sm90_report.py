@@ -1,4 +1,4 @@
-"""The sm_90a compile report (speeder_rt.kernels.sm90_report): its workloads cover the shipped configs, its capture
+"""The sm_90a compile report (speeder_rt.tools.sm90_report): its workloads cover the shipped configs, its capture
 matches the launch path, and every failure condition it names makes it fail on a real compiled build.
 
 The report compiles real kernels, which the interpreter replaces, so these tests run it in a subprocess without
@@ -18,7 +18,7 @@ import pytest
 from speeder_rt.baselines.sasrec import SASRecConfig
 from speeder_rt.data.features import TEXT_DIM
 from speeder_rt.data.synthetic import SyntheticConfig
-from speeder_rt.kernels import sm90_report
+from speeder_rt.tools import sm90_report
 from speeder_rt.kernels._checks import SM90_SMEM_LIMIT
 from speeder_rt.model.backbone import SHAPES
 from speeder_rt.train.config import load_run_config
@@ -64,7 +64,7 @@ def test_workloads_cover_the_configs(config):
 def test_quick_report_cli():
     """The CLI on one kernel: exit 0, the table printed, both files written, every row measured."""
     out_dir = CACHE / "test_cli"
-    proc = subprocess.run([sys.executable, "-m", "speeder_rt.kernels.sm90_report", "--quick", "--jobs", "1",
+    proc = subprocess.run([sys.executable, "-m", "speeder_rt.tools.sm90_report", "--quick", "--jobs", "1",
                            "--only", "^_assemble_kernel$", "--out", str(out_dir), "--cache", str(CACHE)],
                           cwd=ROOT, env=_compiler_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -76,7 +76,7 @@ def test_quick_report_cli():
 
 
 def test_interpreter_is_refused():
-    proc = subprocess.run([sys.executable, "-m", "speeder_rt.kernels.sm90_report", "--quick"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "speeder_rt.tools.sm90_report", "--quick"], cwd=ROOT,
                           env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "TRITON_INTERPRET" in proc.stderr
 
@@ -85,7 +85,7 @@ _FAILURE_PATHS = """
     import dataclasses, json, torch
     import importlib
     from pathlib import Path
-    from speeder_rt.kernels import sm90_report as r
+    from speeder_rt.tools import sm90_report as r
 
     paa = importlib.import_module("speeder_rt.kernels.position_aware_attention")
 
@@ -168,7 +168,7 @@ _GPU_TESTS_PRECOMPILED = """
     import test_assemble_inputs_embeds as prompt
     import test_item_token_projection as projection
     import test_position_aware_attention as attention
-    from speeder_rt.kernels import sm90_report as r
+    from speeder_rt.tools import sm90_report as r
 
     precompiled = {b.key for b in r.collect(r.workloads(quick=False))}
     with r.capture() as launched:  # every kept config of every autotuned launch: what the GPU tests can run

@@ -1,5 +1,5 @@
-// speeder_rt._C: the Python module of the extension. Importing it registers the speeder ops (their
-// TORCH_LIBRARY lives in csrc/ops) and binds the C++ runtime's Recommender (speeder_rt.runtime.cpp wraps it).
+// speeder_rt._C: the Python module of the extension. It binds the C++ runtime's Recommender (speeder_rt.runtime.cpp
+// wraps it).
 // Calls release the GIL. speeder_rt::RequestError arrives in Python as speeder_rt.runtime.validation.RequestError
 // (field, reason), the exception of every Python runtime; any other std::invalid_argument as ValueError.
 #include "speeder_rt/runtime.h"
@@ -13,7 +13,7 @@ using speeder_rt::IdRows;
 using speeder_rt::Recommender;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "speeder_rt C++ extension: the speeder ops and the C++ Recommender";
+  m.doc() = "speeder_rt C++ extension: the C++ Recommender";
 
   py::register_exception_translator([](std::exception_ptr error) {
     try {

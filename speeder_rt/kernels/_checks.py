@@ -10,6 +10,31 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SM90_SMEM_LIMIT = 232448
 
 
+def _backport_interpreter_loop_bounds() -> None:
+    """Triton < 3.7's interpreter turns a runtime scalar (a 1-element array) into a loop bound with ``int(array)``,
+    which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"), so every kernel
+    loop ``range(lo, hi, BLOCK)`` over runtime bounds fails under TRITON_INTERPRET=1 with Triton 3.6 (the GPU image's
+    version) and numpy 2.4 / 2.5; compiled kernels are not affected. Triton 3.7 squeezes the array first
+    (triton-lang/triton#9172); this applies that one change to the interpreter of older versions. It goes when the
+    Triton floor in setup.py reaches 3.7."""
+    import triton
+    from triton.runtime import interpreter
+
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 7):
+        return
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_with_squeezed_index(tensor, scope) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_tensor_with_squeezed_index
+
+
+if INTERPRET:
+    _backport_interpreter_loop_bounds()
+
+
 def shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
 

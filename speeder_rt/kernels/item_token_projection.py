@@ -120,7 +120,7 @@ def mome_parameters(mome) -> tuple[list[ExpertParams], torch.Tensor, torch.Tenso
 
 # --------------------------------------------------------------------------------------------------------------
 # Configs. The fixed block sizes of the backward kernels size their partial-sum buffers (one slot per tile), so
-# only the inner-loop tile, warps and stages are tuned there. sm90 lists (python -m speeder_rt.kernels.sm90_report):
+# only the inner-loop tile, warps and stages are tuned there. sm90 lists (python -m speeder_rt.tools.sm90_report):
 # row tiles of at least 64, since one wgmma covers 64 rows per warp group of 4 warps (32-row tiles compile to
 # Ampere's mma.sync), K chunks of 64 (one 128-byte line of a bf16 row); the first config is the deterministic
 # mode's. The interpreter gets 16-wide tiles so that the CPU tests' odd sizes (d_m 24 / 40, d_e 48, d_h 40, S 33)

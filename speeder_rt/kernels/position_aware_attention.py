@@ -23,7 +23,7 @@ Backward (``dS = P o (dP - delta)`` with ``dP = dO V^T`` and ``delta = rowsum(dO
     dV = P^T dO,    dK = scale * dS^T Q,    dQ = scale * dS K,    dslopes[h] = -sum_{b,i,j} dS * log2(1 + |di|)
 
 On sm90 the bias's log2 is one MUFU.LG2 per score (``lg2.approx``), fp32 inputs multiply in TF32, and every 16-bit
-config in the autotune lists compiles to wgmma without spills (``python -m speeder_rt.kernels.sm90_report``).
+config in the autotune lists compiles to wgmma without spills (``python -m speeder_rt.tools.sm90_report``).
 Registered as ``torch.ops.speeder_triton.position_aware_attention`` (+ ``_backward``) through ``torch.library``.
 Offsets within one (batch, head) slice are 32-bit: L x (row stride) must stay below 2^31 (L * H * D for HF's
 layout, ~1M tokens at H * D = 2048); batch and head offsets are 64-bit.
@@ -69,7 +69,7 @@ _SMEM_BUDGET = SM90_SMEM_LIMIT - 4096  # a margin for the estimate below
 # --------------------------------------------------------------------------------------------------------------
 # Autotuning. Per head dim, the configs the autotuner benchmarks, in order of preference: the first one the pruner
 # keeps is also the deterministic mode's fixed config. Chosen from the sm90 report (python -m
-# speeder_rt.kernels.sm90_report; docs/kernels_sm90.md): no spill in 16-bit builds, wgmma everywhere. The CPU
+# speeder_rt.tools.sm90_report; docs/kernels_sm90.md): no spill in 16-bit builds, wgmma everywhere. The CPU
 # interpreter gets one small config with BLOCK_M != BLOCK_N so the diagonal / off-diagonal / tail split of every
 # kernel is exercised by the CPU tests.
 # --------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """sm_90a compile report: every Triton kernel of speeder_rt, as a Hopper GPU would build it, without a GPU.
 
-    python -m speeder_rt.kernels.sm90_report [--out DIR] [--quick] [--jobs N] [--only REGEX] [--cache DIR]
+    python -m speeder_rt.tools.sm90_report [--out DIR] [--quick] [--jobs N] [--only REGEX] [--cache DIR]
 
 1. Capture. The package's public ops run forward and backward on CPU tensors of the model's shapes (``WORKLOADS``)
    with a stand-in driver that reports the H100 / H200 target (``cuda``, capability 90, warp 32). Triton's own launch
@@ -49,6 +49,7 @@ from unittest import mock
 import torch
 
 from speeder_rt.kernels._checks import SM90_SMEM_LIMIT
+from speeder_rt.utils.io import atomic_path, write_json
 
 SIXTEEN_BIT = ("bf16", "fp16")
 DEFAULT_CACHE = Path("build/sm90")
@@ -431,24 +432,10 @@ def analyse(build: Build, cache_dir: str) -> Row:
         except Exception as exc:  # noqa: BLE001
             row.error = f"{type(exc).__name__}: {exc}"[-3000:]
             return row
-        _write_atomic(cached, json.dumps(measured))
+        write_json(cached, measured)
     for field, value in measured.items():
         setattr(row, field, value)
     return row
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def build_all(builds: Sequence[Build], cache_dir: str, jobs: int) -> list[Row]:
@@ -542,9 +529,10 @@ def write_report(out_dir: Path, rows: Sequence[Row], found: Sequence[str], meta:
     md = [f"# sm_90a compile report\n\n{env}\n", "## Failures\n", *(f"- {f}" for f in found or ["none"]), "",
           "## Per kernel, config and dtype (worst over the shapes)\n", summary_table(rows), "",
           "## Every build\n", markdown_table(rows)]
-    _write_atomic(out_dir / "sm90_report.md", "\n".join(md) + "\n")
-    payload = dict(meta=meta, failures=list(found), rows=[dataclasses.asdict(r) for r in rows])
-    _write_atomic(out_dir / "sm90_report.json", json.dumps(payload, indent=1) + "\n")
+    with atomic_path(out_dir / "sm90_report.md") as tmp:
+        tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
+    write_json(out_dir / "sm90_report.json",
+               dict(meta=meta, failures=list(found), rows=[dataclasses.asdict(r) for r in rows]))
 
 
 def run(builds: Sequence[Build], cache_dir: Path, jobs: int, out_dir: Path | None, meta: dict) -> int:
@@ -565,7 +553,7 @@ def run(builds: Sequence[Build], cache_dir: Path, jobs: int, out_dir: Path | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m speeder_rt.kernels.sm90_report",
+    parser = argparse.ArgumentParser(prog="python -m speeder_rt.tools.sm90_report",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="write sm90_report.md / .json into this directory")
     parser.add_argument("--quick", action="store_true", help="the subset make test runs")

@@ -38,7 +38,7 @@ from torch import nn
 
 from speeder_rt.data.item_table import ItemTable
 from speeder_rt.utils.io import atomic_dir, write_json
-from speeder_rt.utils.readers import read_json_fields, read_safetensors
+from speeder_rt.utils.readers import check_finite, read_json_fields, read_safetensors
 
 FORMAT_VERSION = 1
 MODEL_KINDS = ("speeder", "text_baseline")
@@ -250,11 +250,12 @@ def _backbone_from_files(directory: Path, dtype: torch.dtype) -> tuple[nn.Module
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load DIR/model.safetensors into ``model`` (built from the same config): every tensor it should hold,
-    with the model's dtypes and shapes, and nothing else."""
+    with the model's dtypes and shapes, every value finite, and nothing else."""
     file = Path(path) / WEIGHTS
     skip = skipped_keys(model)
     expected = {n: (t.dtype, tuple(t.shape)) for n, t in model.state_dict().items() if n not in skip}
     tensors = read_safetensors(file, expected)
+    check_finite(file, tensors)  # a diverged run's NaN weights would serve NaN scores
     model.load_state_dict(tensors, strict=False)  # the check above leaves exactly ``skip`` missing
 
 
@@ -295,6 +296,7 @@ def read_resume_state(path: str | Path) -> ResumeState:
     if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
         raise ValueError(f"{file}: optimizer.param_groups must be a list of groups, each with a 'params' list")
     tensors = read_safetensors(path / RESUME_TENSORS, mmap=False)
+    check_finite(path / RESUME_TENSORS, tensors)
     state: dict[str, dict[str, Any]] = {name: dict(values) for name, values in scalars.items()}
     rng = {}
     for key, tensor in tensors.items():

@@ -155,6 +155,17 @@ def run_config_from_dict(raw: Mapping[str, Any] | None, where: str = "config") -
     return cfg
 
 
+def differences(a: Any, b: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, a's value, b's value) of every place two JSON values differ (lists of equal length item by
+    item: ``mpo[1].lr``), in the order of ``a``'s keys, then ``b``'s new ones."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in [*a, *(k for k in b if k not in a)]
+                for d in differences(a.get(k), b.get(k), f"{key}.{k}" if key else k)]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{key}[{i}]")]
+    return [] if a == b else [(key, a, b)]
+
+
 def read_config_file(path: str | Path) -> Any:
     """A run-config file as parsed ({} for an empty one); checked by ``run_config_from_dict``, not here."""
     path = Path(path)

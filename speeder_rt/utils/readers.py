@@ -93,6 +93,27 @@ def read_safetensors(file: str | Path, expected: Expected | None = None, mmap: b
     return out
 
 
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> tuple[str, tuple[int, ...], float] | None:
+    """(name, index, value) of the first NaN or infinity in the floating tensors of ``tensors``, or None."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            bad = ~torch.isfinite(tensor)
+            if bool(bad.any()):
+                index = tuple(int(i) for i in bad.nonzero()[0])
+                return name, index, float(tensor[index])
+    return None
+
+
+def check_finite(file: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """A ``ValueError`` naming the file, the tensor and the element when a floating tensor holds a NaN or an
+    infinity (a diverged training's weights, a corrupt feature): nothing computed from it would mean anything."""
+    found = first_non_finite(tensors)
+    if found:
+        name, index, value = found
+        raise ValueError(f"{file}: tensor {name!r} holds a non-finite value ({value} at index {list(index)}); "
+                         "refusing to load it")
+
+
 def _header(file: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], int]:
     """({name: (dtype, shape, start, end)}, offset of the body), every entry checked against the file."""
     if not file.is_file():

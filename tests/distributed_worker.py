@@ -1,7 +1,8 @@
 """torchrun worker of tests/test_distributed.py: runs the train CLI (``speeder_rt.train.__main__.main``) once per
 ``--``-separated argument list and records what each rank did.
 
-    torchrun --standalone --nproc_per_node N tests/distributed_worker.py OUT [--kill RANK:STEP[:SIGNAL]] -- ARGS [-- ARGS ...]
+    torchrun --standalone --nproc_per_node N tests/distributed_worker.py OUT [--kill RANK:STEP[:SIGNAL]] \
+        -- ARGS [-- ARGS ...]
 
 All runs share one process group (the job's only ``init_world``). Per run index i and rank r it writes OUT/i.rank<r>.json (``losses`` of every step, the final validation
 ``metrics``, ``world_size``, ``writes``: the targets of every atomic file or directory write of that rank) and

@@ -6,7 +6,8 @@ single-process references of the same configs (the same global batch, grad_accum
 - DDP and FSDP2 Speeder runs (both MPO stages, the warm-up phase, the backbone trained, 2 micro-batches per rank,
   an epoch whose last batch of 2 samples leaves each rank an empty micro-batch) and an FSDP2 text-baseline run;
 - an FSDP2 run whose rank 1 kills itself (SIGKILL) after step 7, inside the warm-up;
-- the resume of that run's last/ on 2 ranks; a single-process resume of it runs in-process.
+- the resume of that run's last/ on 2 ranks; a single-process resume of it runs in-process;
+- an FSDP2 run whose rank 1 alone gets SIGTERM after step 9 (every rank stops after step 10), and its resume.
 
 Tolerance against the single process: a distributed step sums the same terms in another order (per-rank GEMMs
 over fewer rows, then the all-reduce), each gradient element changing by fp32 rounding (~1e-7 relative). The loss
@@ -17,6 +18,7 @@ evaluation shards whole batches, so each score is computed as in one process.
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -60,6 +62,7 @@ TEXT = {**SPEEDER, "model": {**SPEEDER["model"], "modalities": ["text"]}, "mpo":
 # (name, model kind, config, train.parallel); the kill job is the fsdp run again in another directory
 RUNS = [("ddp", "speeder", SPEEDER, "ddp"), ("fsdp", "speeder", SPEEDER, "fsdp"), ("text", "text_baseline", TEXT, "fsdp")]
 KILL_RANK, KILL_STEP, LAST_BEFORE_KILL = 1, 7, 6  # checkpoints every 3 steps: last/ holds step 6
+TERM_RANK, TERM_STEP = 1, 9  # the ranks agree on the stop in step 10, stage 1's third of 4 (no multiple of 3)
 
 
 def config(base: dict, out_dir: Path, **train) -> dict:
@@ -163,6 +166,15 @@ def single(home):
     """Single-process references: {speeder, text_baseline: (trainer, losses, writes)}; same global batch."""
     return {kind: record(kind, config(base, home / f"single_{kind}", grad_accumulation=1))
             for kind, base in (("speeder", SPEEDER), ("text_baseline", TEXT))}
+
+
+def assert_same_checkpoint(got: Path, want: Path) -> None:
+    """Two last/ directories hold bit-identical weights, optimizer state and RNG states (every rank's)."""
+    for file in ("model.safetensors", "resume.safetensors"):
+        a, b = load_file(got / file), load_file(want / file)
+        assert a.keys() == b.keys()
+        for n in b:
+            assert torch.equal(a[n], b[n]), (file, n)
 
 
 def assert_weights_close(got: dict, want: dict) -> None:
@@ -283,12 +295,7 @@ def test_resume_on_the_same_world_size_reproduces_the_uninterrupted_run_bit_for_
     status, _, output = launch(home / "resume_job", ["--config", cfg, "--resume", str(out / "speeder" / "last")])
     assert status == 0, output[-6000:]
     assert f"resumed from {out / 'speeder' / 'last'} at phase 1, epoch 0, step 2 (global step 6)" in output
-    uninterrupted = distributed_runs["fsdp"][0] / "speeder" / "last"
-    for file in ("model.safetensors", "resume.safetensors"):  # weights, optimizer state, every rank's RNG
-        got, want = load_file(out / "speeder" / "last" / file), load_file(uninterrupted / file)
-        assert got.keys() == want.keys()
-        for n in want:
-            assert torch.equal(got[n], want[n]), (file, n)
+    assert_same_checkpoint(out / "speeder" / "last", distributed_runs["fsdp"][0] / "speeder" / "last")
     resumed = json.loads((home / "resume_job" / "0.rank0.json").read_text())
     assert resumed["metrics"] == distributed_runs["fsdp"][1][0]["metrics"]
 
@@ -304,3 +311,23 @@ def test_resume_on_another_world_size_works_and_says_so(home, killed, distribute
     assert any("checkpointed with world size 2, resuming with 1" in line for line in lines), lines
     uninterrupted = load_file(distributed_runs["fsdp"][0] / "speeder" / "last" / "model.safetensors")
     assert_weights_close(load_file(out / "speeder" / "last" / "model.safetensors"), uninterrupted)
+
+
+# -- preemption: SIGTERM on one rank ------------------------------------------------------------------------------
+def test_sigterm_on_one_rank_stops_every_rank_at_the_next_step_and_the_resume_equals_the_uninterrupted_run(
+        home, launch, distributed_runs):
+    out = home / "preempted"
+    cfg = write_config(home / "preempted.yaml", config(SPEEDER, out, parallel="fsdp"))
+    status, _, output = launch(home / "term_job", ["--config", cfg], kill=f"{TERM_RANK}:{TERM_STEP}:SIGTERM")
+    assert status != 0 and re.search(r"exitcode\s*:\s*143", output), output[-6000:]  # torchrun: a failure
+    assert [(home / "term_job" / f"status.rank{r}").read_text() for r in (0, 1)] == ["143", "143"], output[-6000:]
+    last = out / "speeder" / "last"
+    assert (f"stopped by SIGTERM after stage 1 (text+image, main), epoch 0, step 3 (global step {TERM_STEP + 1}): "
+            f"{last} holds that step; resume by running the same command with --resume {last}") in output
+    assert output.count("stopped by SIGTERM") == 1  # rank 0 alone prints; torchrun's own traceback follows
+    assert not re.search(r'File "[^"]*(speeder_rt|distributed_worker)', output), output[-6000:]  # none from a rank
+    assert read_resume_state(last).progress["global_step"] == TERM_STEP + 1
+    assert sorted(os.listdir(out / "speeder")) == ["best", "last"]
+    status, _, output = launch(home / "term_resume_job", ["--config", cfg, "--resume", str(last)])
+    assert status == 0, output[-6000:]
+    assert_same_checkpoint(last, distributed_runs["fsdp"][0] / "speeder" / "last")

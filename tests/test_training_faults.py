@@ -7,7 +7,6 @@ in this process on one intra-op thread, where a resume reproduces the uninterrup
 """
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from test_distributed import assert_same_checkpoint
 from test_model import one_thread, tiny_run  # noqa: F401  (one_thread: a fixture)
 
 from speeder_rt.model.pretrained import load_model_dir, read_resume_state
@@ -45,16 +45,14 @@ def subprocess_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def run_process(args: list[str], cwd: Path, limit_file_bytes: int | None = None, timeout: float = 240):
-    """(exit status, stdout, stderr) of ``python ARGS``; ``limit_file_bytes``: RLIMIT_FSIZE (a write beyond it
-    fails with EFBIG, as a full disk fails with ENOSPC)."""
-    def limit():
-        if limit_file_bytes is not None:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the process dying
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, limit_file_bytes))
-
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=cwd, env=subprocess_env(), preexec_fn=limit, start_new_session=True)
+def run_process(args: list[str], cwd: Path, limit_file_kb: int | None = None, timeout: float = 240):
+    """(exit status, stdout, stderr) of ``python ARGS``; ``limit_file_kb``: the largest file it may write (``ulimit
+    -f``, SIGXFSZ ignored: a write beyond it fails with EFBIG, as one on a full disk fails with ENOSPC)."""
+    command = [sys.executable, *args]
+    if limit_file_kb is not None:
+        command = ["bash", "-c", f"trap '' XFSZ; ulimit -f {limit_file_kb}; exec \"$0\" \"$@\"", *command]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env=subprocess_env(), start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
@@ -76,14 +74,6 @@ def uninterrupted(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return out
-
-
-def assert_same_checkpoint(got: Path, want: Path) -> None:
-    for file in ("model.safetensors", "resume.safetensors"):  # weights, optimizer state, RNG
-        a, b = load_file(got / file), load_file(want / file)
-        assert a.keys() == b.keys()
-        for name in b:
-            assert torch.equal(a[name], b[name]), (file, name)
 
 
 def one_line(err: str) -> str:
@@ -149,8 +139,8 @@ def test_resume_refuses_a_checkpoint_with_non_finite_values(uninterrupted, tmp_p
 
 
 # -- preemption -------------------------------------------------------------------------------------------------
-def test_sigterm_mid_epoch_writes_last_exits_143_and_the_resume_equals_the_uninterrupted_run(
-        uninterrupted, tmp_path, one_thread):
+@pytest.mark.usefixtures("one_thread")
+def test_sigterm_mid_epoch_writes_last_exits_143_and_the_resume_equals_the_uninterrupted_run(uninterrupted, tmp_path):
     out = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", run_config(out))
     # the train CLI in one process; SIGTERM arrives right after global step 1, so step 2 is the last one
@@ -170,7 +160,8 @@ def test_sigterm_mid_epoch_writes_last_exits_143_and_the_resume_equals_the_unint
     assert best.keys() == want.keys() and all(torch.equal(best[n], want[n]) for n in want)
 
 
-def test_sigint_stops_cleanly_at_the_step_it_arrives_in(tmp_path, one_thread, capsys, monkeypatch):
+@pytest.mark.usefixtures("one_thread")
+def test_sigint_stops_cleanly_at_the_step_it_arrives_in(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", run_config(out, checkpoint_every=4))
     step = Trainer.train_step
@@ -195,8 +186,8 @@ def test_sigint_stops_cleanly_at_the_step_it_arrives_in(tmp_path, one_thread, ca
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_nothing_half_written(tmp_path):
     out = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", run_config(out))
-    # files up to 200 kB: the item table (28 kB) is written, model.safetensors (~490 kB) is not
-    status, _, err = run_process(["-m", "speeder_rt.train", "--config", config], tmp_path, limit_file_bytes=200_000)
+    # files up to 200 KiB: the item table's (28 kB) are written, model.safetensors (~490 kB) is not
+    status, _, err = run_process(["-m", "speeder_rt.train", "--config", config], tmp_path, limit_file_kb=200)
     assert status == 1, err[-3000:]
     line = one_line(err)
     assert line.startswith(f"error: could not write {out / 'speeder' / 'best'}: ") and "File too large" in line, line
@@ -206,8 +197,9 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_nothing_half
 
 
 # -- resume with a changed config -------------------------------------------------------------------------------
+@pytest.mark.usefixtures("one_thread")
 def test_resume_with_a_changed_training_config_says_what_changed_and_refuses_unless_asked(uninterrupted, tmp_path,
-                                                                                        one_thread, capsys):
+                                                                                        capsys):
     last = uninterrupted / "speeder" / "last"
     changed = run_config(tmp_path / "elsewhere", weight_decay=0.1, checkpoint_every=5, progress=True)
     changed["mpo"][1]["lr"] = 0.001

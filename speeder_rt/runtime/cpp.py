@@ -80,7 +80,8 @@ class CppRecommender:
         """(item ids int64 [B, k], scores float32 [B, k]) over the whole catalog, history items excluded."""
         histories, k = self.contract.parse_topk(history_ids, k)
         ids, scores = self._native.topk(_lists(histories), k)
-        ids, scores = np.asarray(ids, dtype=np.int64).reshape(-1, k), np.asarray(scores, dtype=np.float32).reshape(-1, k)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1, k)
+        scores = np.asarray(scores, dtype=np.float32).reshape(-1, k)
         check_finite_topk(pad_histories(histories)[0], ids, scores)  # the C++ checks refused an empty batch
         return ids, scores
 

@@ -9,8 +9,8 @@ Histories are lists of item ids, oldest first (ragged lists are padded internall
 tensors padded with negative ids after the real items. Requests are checked by the request contract
 (``speeder_rt.runtime.validation``: bad ones raise its ``RequestError``, with the C++ runtime's messages);
 batches larger than the exported max batch are split into chunks. A NaN or infinite score is never returned:
-``ModelOutputError`` names the request row instead (see ``validation.check_finite_scores``). Results are numpy arrays and match the
-PyTorch model (within the export's parity).
+``ModelOutputError`` names the request row instead (see ``validation.check_finite_scores``). Results are numpy
+arrays and match the PyTorch model (within the export's parity).
 """
 from __future__ import annotations
 

@@ -107,5 +107,5 @@ def stop_signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-__all__ = ["CheckpointFailed", "Diverged", "Preempted", "STOP_SIGNALS", "StopRequest", "TrainingStopped",
-           "agree", "finite", "stop_signal_name", "total_norm"]
+__all__ = ["STOP_SIGNALS", "CheckpointFailed", "Diverged", "Preempted", "StopRequest", "TrainingStopped", "agree",
+           "finite", "stop_signal_name", "total_norm"]

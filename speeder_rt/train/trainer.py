@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from speeder_rt.data import ItemTable, SequenceData
@@ -40,8 +41,6 @@ from speeder_rt.data.sequences import draw_candidates
 from speeder_rt.eval.metrics import ranking_metrics
 from speeder_rt.eval.protocol import sample_ranks
 from speeder_rt.model.mpo import default_schedule, new_modalities, set_trainable, validate_schedule
-from safetensors import SafetensorError
-
 from speeder_rt.model.pretrained import (MODEL_KINDS, ITEMS, RESUME_TENSORS, ResumeState, check_model_dir,
                                          load_model_dir, load_weights, read_model_config, read_resume_state,
                                          save_model_dir)
@@ -57,9 +56,9 @@ from speeder_rt.utils.readers import first_non_finite
 PHASE_CODES = {"warmup": 0, "main": 1}
 # run-config keys a resume may change: they change how the same steps are computed (device, threads, sharding,
 # micro-batches: to fp32 rounding) or reported, not which steps run
-RESUME_MAY_CHANGE = frozenset({"out_dir", "train.device", "train.num_threads", "train.parallel", "train.grad_accumulation",
-                               "train.eval_batch_size", "train.checkpoint_every", "train.progress",
-                               "train.deterministic"})
+RESUME_MAY_CHANGE = frozenset({"out_dir", "train.device", "train.num_threads", "train.parallel",
+                               "train.grad_accumulation", "train.eval_batch_size", "train.checkpoint_every",
+                               "train.progress", "train.deterministic"})
 TEXT_EVAL_BATCH = 16  # users per generation batch in the text baseline's validation
 
 
@@ -291,8 +290,8 @@ class Trainer:
 
     def _advice(self) -> str:
         phase = self.phases[min(self.progress.phase, len(self.phases) - 1)]
-        return (f"Try a lower learning rate ({phase.lr_key}) or train.grad_clip, or check the data and item features for "
-                "extreme values; then resume from last/ with --resume-changed-config, or start over")
+        return (f"Try a lower learning rate ({phase.lr_key}) or train.grad_clip, or check the data and item features "
+                "for extreme values; then resume from last/ with --resume-changed-config, or start over")
 
     def resume(self, path: str | Path, allow_changed_config: bool = False) -> None:
         """Continue from a run's ``last/`` directory (a finished run's leaves ``complete`` True); call it before
@@ -513,9 +512,9 @@ class Trainer:
         last = self.out / "last"
         if self.last_saved != self.progress.global_step:
             self.save("last")
-        raise Preempted(f"stopped by {stop_signal_name(self.stop_signal)} after {self._where(self.progress.step_in_epoch)}:"
-                        f" {last} holds that step; resume by running the same command with --resume {last}",
-                        self.stop_signal)
+        where = self._where(self.progress.step_in_epoch)
+        raise Preempted(f"stopped by {stop_signal_name(self.stop_signal)} after {where}: {last} holds that step; "
+                        f"resume by running the same command with --resume {last}", self.stop_signal)
 
     def _warmup_done(self, phase: Phase) -> bool:
         """A warm-up phase ends after ``phase.steps`` steps (checked before each step, so a resume from a

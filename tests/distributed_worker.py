@@ -10,7 +10,8 @@ OUT/i.rank<r>.safetensors (the rank's own tensors: whole ones under DDP, its sha
 OUT/collectives.rank<r>.json holds the results of the gathering helpers on known per-user values, and
 OUT/pids/<pid> names the process (the test kills what is left by PID). ``--kill RANK:STEP[:SIGNAL]``: rank RANK
 writes OUT/killed_at (the time) and sends itself SIGNAL (default SIGKILL; e.g. SIGTERM) right after global step
-STEP. Each rank writes its exit status to OUT/status.rank<r>. Without torchrun it is one process (rank 0).
+STEP. Every run runs, also after one that failed; OUT/i.status.rank<r> holds its exit status, and the worker exits
+with the first non-zero one. Without torchrun it is one process (rank 0).
 """
 import json
 import os
@@ -93,18 +94,16 @@ def main(argv: list[str]) -> int:
         return workspace(target)
 
     Trainer.train_step, Trainer.run, io._workspace = recording_step, recording_run, recording_workspace
-    status = 0
+    statuses = []
     try:
         for index, args in enumerate(runs):
             losses.clear()
             writes.clear()
-            status = train_cli.main(args)
-            if status:
-                break
+            statuses.append(train_cli.main(args))
+            (out / f"{index}.status.rank{world.rank}").write_text(str(statuses[-1]))
     finally:
         distributed.close_world(world)
-        (out / f"status.rank{world.rank}").write_text(str(status))
-    return status
+    return next((s for s in statuses if s), 0)
 
 
 if __name__ == "__main__":

@@ -313,14 +313,45 @@ def test_resume_on_another_world_size_works_and_says_so(home, killed, distribute
     assert_weights_close(load_file(out / "speeder" / "last" / "model.safetensors"), uninterrupted)
 
 
-# -- preemption: SIGTERM on one rank ------------------------------------------------------------------------------
+# -- divergence and preemption: every rank stops at the same step ------------------------------------------------
+@pytest.fixture(scope="module")
+def stopped(home, launch):
+    """One torchrun job of two fsdp runs: "diverged" (stage 1's lr 1e20: its warm-up's second step is NaN) and
+    "preempted" (rank 1 alone gets SIGTERM after step TERM_STEP); (the job's exit status, output)."""
+    diverged = config(SPEEDER, home / "diverged", parallel="fsdp")
+    diverged["mpo"] = [diverged["mpo"][0], {**diverged["mpo"][1], "lr": 1e20}]
+    runs = [["--config", write_config(home / f"{name}.yaml", raw)] for name, raw in
+            (("diverged", diverged), ("preempted", config(SPEEDER, home / "preempted", parallel="fsdp")))]
+    status, _, output = launch(home / "stop_job", *runs, kill=f"{TERM_RANK}:{TERM_STEP}:SIGTERM")
+    return status, output
+
+
+def statuses(job: Path, run: int) -> list[str]:
+    return [(job / f"{run}.status.rank{r}").read_text() for r in (0, 1)]
+
+
+def test_divergence_on_two_ranks_stops_both_at_the_step_with_one_line(home, stopped):
+    _, output = stopped
+    assert statuses(home / "stop_job", 0) == ["1", "1"], output[-6000:]
+    last = home / "diverged" / "speeder" / "last"
+    lines = [line for line in output.splitlines() if "training diverged" in line]
+    assert len(lines) == 1, lines  # rank 0 alone prints
+    found = re.match(r"error: training diverged in stage 1 \(text\+image, warmup\), epoch 0, step (\d) \(global step "
+                     rf"(\d)\): loss \S+, grad norm \S+, learning rate 1e\+20; the step was not applied and "
+                     rf"{re.escape(str(last))} holds global step (\d)\.", lines[0])
+    assert found, lines[0]
+    step, global_step, saved = map(int, found.groups())
+    assert global_step == 4 + step and read_resume_state(last).progress["global_step"] == saved < global_step
+    for name in ("best", "last"):  # complete and finite (the loader refuses a NaN)
+        load_model_dir(home / "diverged" / "speeder" / name)
+
+
 def test_sigterm_on_one_rank_stops_every_rank_at_the_next_step_and_the_resume_equals_the_uninterrupted_run(
-        home, launch, distributed_runs):
-    out = home / "preempted"
-    cfg = write_config(home / "preempted.yaml", config(SPEEDER, out, parallel="fsdp"))
-    status, _, output = launch(home / "term_job", ["--config", cfg], kill=f"{TERM_RANK}:{TERM_STEP}:SIGTERM")
-    assert status != 0 and re.search(r"exitcode\s*:\s*143", output), output[-6000:]  # torchrun: a failure
-    assert [(home / "term_job" / f"status.rank{r}").read_text() for r in (0, 1)] == ["143", "143"], output[-6000:]
+        home, launch, stopped, distributed_runs):
+    status, output = stopped
+    assert status != 0, output[-6000:]  # torchrun reports its workers' non-zero statuses as a failure
+    assert statuses(home / "stop_job", 1) == ["143", "143"], output[-6000:]
+    out, cfg = home / "preempted", str(home / "preempted.yaml")
     last = out / "speeder" / "last"
     assert (f"stopped by SIGTERM after stage 1 (text+image, main), epoch 0, step 3 (global step {TERM_STEP + 1}): "
             f"{last} holds that step; resume by running the same command with --resume {last}") in output

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _train(args, cfg, world)
     except KeyboardInterrupt:  # before training started (during it, SIGINT stops at a step: Preempted)
-        print("interrupted before training started; nothing was written for this run's steps", file=sys.stderr)
+        print("stopped by SIGINT before training started; no checkpoint was written", file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
         close_world(world)

@@ -61,16 +61,9 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
 
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def set(self, signum: int) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
             self.signum = signum
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.set(signum)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopRequest]:

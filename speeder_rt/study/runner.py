@@ -37,9 +37,9 @@ from speeder_rt.data import ItemTable, SequenceData
 from speeder_rt.eval.protocol import evaluate
 from speeder_rt.model.pretrained import load_weights
 from speeder_rt.study.rows import FULL, Row, StudyRows, history_overrides, merged, row_config, run_key, study_rows
-from speeder_rt.train.config import RunConfig, run_config_from_dict
+from speeder_rt.train.config import RunConfig, differences, run_config_from_dict
 from speeder_rt.train.data import item_table, load_sequences
-from speeder_rt.train.trainer import Trainer, _first_difference
+from speeder_rt.train.trainer import Trainer
 from speeder_rt.utils.io import atomic_dir, write_json
 from speeder_rt.utils.progress import progress_bar
 from speeder_rt.utils.readers import read_json, read_json_fields, read_safetensors
@@ -118,8 +118,9 @@ def find_run(results: Mapping[str, Any], row: str, seed: int) -> dict[str, Any] 
 
 def check_recorded(out: Path, run: Mapping[str, Any], key: dict[str, Any]) -> None:
     """A recorded run must have been made with the config the row has now."""
-    diff = _first_difference(run.get("config"), key)
-    if diff:
+    diffs = differences(run.get("config"), key)
+    if diffs:
+        diff = diffs[0]
         raise ValueError(f"{out / RESULTS}: row {run['row']!r} seed {run['seed']} was run with {diff[0] or 'config'} = "
                          f"{diff[1]!r}; this study's config has {diff[2]!r}. Use another --out for a different "
                          "config, or delete the directory to start over")

@@ -7,7 +7,8 @@ single-process references of the same configs (the same global batch, grad_accum
   an epoch whose last batch of 2 samples leaves each rank an empty micro-batch) and an FSDP2 text-baseline run;
 - an FSDP2 run whose rank 1 kills itself (SIGKILL) after step 7, inside the warm-up;
 - the resume of that run's last/ on 2 ranks; a single-process resume of it runs in-process;
-- an FSDP2 run whose rank 1 alone gets SIGTERM after step 9 (every rank stops after step 10), and its resume.
+- in one job, an FSDP2 run that diverges (both ranks exit 1 at the same step) and one whose rank 1 alone gets SIGTERM
+  after step 9 (every rank stops after step 10, exit 143), then that run's resume.
 
 Tolerance against the single process: a distributed step sums the same terms in another order (per-rank GEMMs
 over fewer rows, then the all-reduce), each gradient element changing by fp32 rounding (~1e-7 relative). The loss

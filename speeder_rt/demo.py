@@ -20,6 +20,7 @@ from speeder_rt.eval.protocol import evaluate
 from speeder_rt.model.pretrained import load_weights
 from speeder_rt.train.config import RunConfig, load_run_config
 from speeder_rt.train.data import item_table, load_sequences
+from speeder_rt.train.faults import TrainingStopped
 from speeder_rt.train.trainer import Trainer
 from speeder_rt.utils.schema import ConfigError
 
@@ -75,6 +76,16 @@ def _config(path: str, data: str | None, models: list[str]) -> RunConfig:
     return cfg
 
 
+def _trained(trainer: Trainer) -> dict[str, float]:
+    """``trainer.run()``; a divergence or a checkpoint that cannot be written is its one line on stderr and the
+    train CLI's exit status (``speeder_rt.train.faults``)."""
+    try:
+        return trainer.run()
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(e.status) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m speeder_rt.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run configuration (default: configs/demo.yaml)")
@@ -108,14 +119,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     if "speeder" in models:
         trainer = Trainer("speeder", cfg, data, table)
-        _, secs = _timed(trainer.run)
+        _, secs = _timed(lambda: _trained(trainer))
         if math.isfinite(trainer.progress.best_metric):  # it validated: its best epoch, as SASRec's
             load_weights(trainer.model, trainer.out / "best")
         metrics, infer = _timed(lambda: evaluate(trainer.model, data, "test", batch_size=cfg.train.eval_batch_size))
         rows["Speeder"] = {**metrics, "train_s": round(secs, 1), "infer_ms": 1000 * infer / len(data.test)}
     if "text_baseline" in models:
         trainer = Trainer("text_baseline", cfg, data, table)
-        _, secs = _timed(trainer.run)
+        _, secs = _timed(lambda: _trained(trainer))
         limit = cfg.text_baseline.eval_limit
         metrics, infer = _timed(lambda: trainer.model.evaluate(data, "test", limit=limit, progress=cfg.train.progress))
         n = min(limit or len(data.test), len(data.test))

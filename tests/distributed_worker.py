@@ -1,15 +1,18 @@
 """torchrun worker of tests/test_distributed.py: runs the train CLI (``speeder_rt.train.__main__.main``) once per
 ``--``-separated argument list and records what each rank did.
 
-    torchrun --standalone --nproc_per_node N tests/distributed_worker.py OUT [--kill RANK:STEP] -- ARGS [-- ARGS ...]
+    torchrun --standalone --nproc_per_node N tests/distributed_worker.py OUT [--kill RANK:STEP[:SIGNAL]] \
+        -- ARGS [-- ARGS ...]
 
 All runs share one process group (the job's only ``init_world``). Per run index i and rank r it writes
 OUT/i.rank<r>.json (``losses`` of every step, the final validation
 ``metrics``, ``world_size``, ``writes``: the targets of every atomic file or directory write of that rank) and
 OUT/i.rank<r>.safetensors (the rank's own tensors: whole ones under DDP, its shards under FSDP2). Before training,
 OUT/collectives.rank<r>.json holds the results of the gathering helpers on known per-user values, and
-OUT/pids/<pid> names the process (the test kills what is left by PID). ``--kill RANK:STEP``: rank RANK writes
-OUT/killed_at (the time) and sends itself SIGKILL right after global step STEP.
+OUT/pids/<pid> names the process (the test kills what is left by PID). ``--kill RANK:STEP[:SIGNAL]``: rank RANK
+writes OUT/killed_at (the time) and sends itself SIGNAL (default SIGKILL; e.g. SIGTERM) right after global step
+STEP. Every run runs, also after one that failed; OUT/i.status.rank<r> holds its exit status, and the worker exits
+with the first non-zero one. Without torchrun it is one process (rank 0).
 """
 import json
 import os
@@ -46,8 +49,11 @@ def main(argv: list[str]) -> int:
     (out / "pids").mkdir(parents=True, exist_ok=True)
     (out / "pids" / str(os.getpid())).touch()
     kill_rank = kill_step = None
+    kill_signal = signal.SIGKILL
     if argv[0] == "--kill":
-        kill_rank, kill_step = map(int, argv[1].split(":"))
+        rank, step, *name = argv[1].split(":")
+        kill_rank, kill_step = int(rank), int(step)
+        kill_signal = signal.Signals[name[0]] if name else kill_signal
         argv = argv[2:]
     runs, current = [], None
     for arg in argv:
@@ -72,7 +78,7 @@ def main(argv: list[str]) -> int:
         losses.append(loss)
         if self.world.rank == kill_rank and self.progress.global_step + 1 == kill_step:
             (out / "killed_at").write_text(repr(time.time()))
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), kill_signal)
         return loss
 
     def recording_run(self, *args, **kwargs):
@@ -90,16 +96,16 @@ def main(argv: list[str]) -> int:
         return workspace(target)
 
     Trainer.train_step, Trainer.run, io._workspace = recording_step, recording_run, recording_workspace
+    statuses = []
     try:
         for current["run"], args in enumerate(runs):
             losses.clear()
             writes.clear()
-            status = train_cli.main(args)
-            if status:
-                return status
+            statuses.append(train_cli.main(args))
+            (out / f"{current['run']}.status.rank{world.rank}").write_text(str(statuses[-1]))
     finally:
         distributed.close_world(world)
-    return 0
+    return next((s for s in statuses if s), 0)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ single-process references of the same configs (the same global batch, grad_accum
 - DDP and FSDP2 Speeder runs (both MPO stages, the warm-up phase, the backbone trained, 2 micro-batches per rank,
   an epoch whose last batch of 2 samples leaves each rank an empty micro-batch) and an FSDP2 text-baseline run;
 - an FSDP2 run whose rank 1 kills itself (SIGKILL) after step 7, inside the warm-up;
-- the resume of that run's last/ on 2 ranks; a single-process resume of it runs in-process.
+- the resume of that run's last/ on 2 ranks; a single-process resume of it runs in-process;
+- in one job, an FSDP2 run that diverges (both ranks exit 1 at the same step) and one whose rank 1 alone gets SIGTERM
+  after step 9 (every rank stops after step 10, exit 143), then that run's resume.
 
 Tolerance against the single process: a distributed step sums the same terms in another order (per-rank GEMMs
 over fewer rows, then the all-reduce), each gradient element changing by fp32 rounding (~1e-7 relative). The loss
@@ -17,6 +19,7 @@ evaluation shards whole batches, so each score is computed as in one process.
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -61,6 +64,7 @@ TEXT = {**SPEEDER, "model": {**SPEEDER["model"], "modalities": ["text"]}, "mpo":
 # (name, model kind, config, train.parallel); the kill job is the fsdp run again in another directory
 RUNS = [("ddp", "speeder", SPEEDER, "ddp"), ("fsdp", "speeder", SPEEDER, "fsdp"), ("text", "text_baseline", TEXT, "fsdp")]
 KILL_RANK, KILL_STEP, LAST_BEFORE_KILL = 1, 7, 6  # checkpoints every 3 steps: last/ holds step 6
+TERM_RANK, TERM_STEP = 1, 9  # the ranks agree on the stop in step 10, stage 1's third of 4 (no multiple of 3)
 
 
 def config(base: dict, out_dir: Path, **train) -> dict:
@@ -164,6 +168,15 @@ def single(home):
     """Single-process references: {speeder, text_baseline: (trainer, losses, writes)}; same global batch."""
     return {kind: record(kind, config(base, home / f"single_{kind}", grad_accumulation=1))
             for kind, base in (("speeder", SPEEDER), ("text_baseline", TEXT))}
+
+
+def assert_same_checkpoint(got: Path, want: Path) -> None:
+    """Two last/ directories hold bit-identical weights, optimizer state and RNG states (every rank's)."""
+    for file in ("model.safetensors", "resume.safetensors"):
+        a, b = load_file(got / file), load_file(want / file)
+        assert a.keys() == b.keys()
+        for n in b:
+            assert torch.equal(a[n], b[n]), (file, n)
 
 
 def assert_weights_close(got: dict, want: dict) -> None:
@@ -284,12 +297,7 @@ def test_resume_on_the_same_world_size_reproduces_the_uninterrupted_run_bit_for_
     status, _, output = launch(home / "resume_job", ["--config", cfg, "--resume", str(out / "speeder" / "last")])
     assert status == 0, output[-6000:]
     assert f"resumed from {out / 'speeder' / 'last'} at phase 1, epoch 0, step 2 (global step 6)" in output
-    uninterrupted = distributed_runs["fsdp"][0] / "speeder" / "last"
-    for file in ("model.safetensors", "resume.safetensors"):  # weights, optimizer state, every rank's RNG
-        got, want = load_file(out / "speeder" / "last" / file), load_file(uninterrupted / file)
-        assert got.keys() == want.keys()
-        for n in want:
-            assert torch.equal(got[n], want[n]), (file, n)
+    assert_same_checkpoint(out / "speeder" / "last", distributed_runs["fsdp"][0] / "speeder" / "last")
     resumed = json.loads((home / "resume_job" / "0.rank0.json").read_text())
     assert resumed["metrics"] == distributed_runs["fsdp"][1][0]["metrics"]
 
@@ -305,3 +313,54 @@ def test_resume_on_another_world_size_works_and_says_so(home, killed, distribute
     assert any("checkpointed with world size 2, resuming with 1" in line for line in lines), lines
     uninterrupted = load_file(distributed_runs["fsdp"][0] / "speeder" / "last" / "model.safetensors")
     assert_weights_close(load_file(out / "speeder" / "last" / "model.safetensors"), uninterrupted)
+
+
+# -- divergence and preemption: every rank stops at the same step ------------------------------------------------
+@pytest.fixture(scope="module")
+def stopped(home, launch):
+    """One torchrun job of two fsdp runs: "diverged" (stage 1's lr 1e20: its warm-up's second step is NaN) and
+    "preempted" (rank 1 alone gets SIGTERM after step TERM_STEP); (the job's exit status, output)."""
+    diverged = config(SPEEDER, home / "diverged", parallel="fsdp")
+    diverged["mpo"] = [diverged["mpo"][0], {**diverged["mpo"][1], "lr": 1e20}]
+    runs = [["--config", write_config(home / f"{name}.yaml", raw)] for name, raw in
+            (("diverged", diverged), ("preempted", config(SPEEDER, home / "preempted", parallel="fsdp")))]
+    status, _, output = launch(home / "stop_job", *runs, kill=f"{TERM_RANK}:{TERM_STEP}:SIGTERM")
+    return status, output
+
+
+def statuses(job: Path, run: int) -> list[str]:
+    return [(job / f"{run}.status.rank{r}").read_text() for r in (0, 1)]
+
+
+def test_divergence_on_two_ranks_stops_both_at_the_step_with_one_line(home, stopped):
+    _, output = stopped
+    assert statuses(home / "stop_job", 0) == ["1", "1"], output[-6000:]
+    last = home / "diverged" / "speeder" / "last"
+    lines = [line for line in output.splitlines() if "training diverged" in line]
+    assert len(lines) == 1, lines  # rank 0 alone prints
+    found = re.match(r"error: training diverged in stage 1 \(text\+image, warmup\), epoch 0, step (\d) \(global step "
+                     rf"(\d)\): loss \S+, grad norm \S+, learning rate 1e\+20; the step was not applied and "
+                     rf"{re.escape(str(last))} holds global step (\d)\.", lines[0])
+    assert found, lines[0]
+    step, global_step, saved = map(int, found.groups())
+    assert global_step == 4 + step and read_resume_state(last).progress["global_step"] == saved < global_step
+    for name in ("best", "last"):  # complete and finite (the loader refuses a NaN)
+        load_model(home / "diverged" / "speeder" / name)
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_next_step_and_the_resume_equals_the_uninterrupted_run(
+        home, launch, stopped, distributed_runs):
+    status, output = stopped
+    assert status != 0, output[-6000:]  # torchrun reports its workers' non-zero statuses as a failure
+    assert statuses(home / "stop_job", 1) == ["143", "143"], output[-6000:]
+    out, cfg = home / "preempted", str(home / "preempted.yaml")
+    last = out / "speeder" / "last"
+    assert (f"stopped by SIGTERM after stage 1 (text+image, main), epoch 0, step 3 (global step {TERM_STEP + 1}): "
+            f"{last} holds that step; resume by running the same command with --resume {last}") in output
+    assert output.count("stopped by SIGTERM") == 1  # rank 0 alone prints; torchrun's own traceback follows
+    assert not re.search(r'File "[^"]*(speeder_rt|distributed_worker)', output), output[-6000:]  # none from a rank
+    assert read_resume_state(last).progress["global_step"] == TERM_STEP + 1
+    assert sorted(os.listdir(out / "speeder")) == ["best", "last"]
+    status, _, output = launch(home / "term_resume_job", ["--config", cfg, "--resume", str(last)])
+    assert status == 0, output[-6000:]
+    assert_same_checkpoint(last, distributed_runs["fsdp"][0] / "speeder" / "last")

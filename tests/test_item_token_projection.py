@@ -30,8 +30,8 @@ from speeder_rt.kernels.item_token_projection import (
     item_token_projection_reference,
     mome_parameters,
 )
-from speeder_rt.tools.sm90_report import PROJECTION_SHAPES
 from speeder_rt.model.mome import MixtureOfModalityExperts
+from speeder_rt.tools.sm90_report import PROJECTION_SHAPES
 
 itp_module = importlib.import_module("speeder_rt.kernels.item_token_projection")
 

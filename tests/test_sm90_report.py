@@ -18,9 +18,9 @@ import pytest
 from speeder_rt.baselines.sasrec import SASRecConfig
 from speeder_rt.data.features import TEXT_DIM
 from speeder_rt.data.synthetic import SyntheticConfig
-from speeder_rt.tools import sm90_report
 from speeder_rt.kernels._checks import SM90_SMEM_LIMIT
 from speeder_rt.model.backbone import SHAPES
+from speeder_rt.tools import sm90_report
 from speeder_rt.train.config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -264,7 +264,8 @@ def test_a_changed_config_is_refused_for_recorded_runs(study, tmp_path, capsys):
     raw["mpo"][1]["lr"] = 0.001
     assert study_cli(write_config(tmp_path / "changed.yaml", raw), out) == 2
     err = capsys.readouterr().err
-    assert re.search(r"results\.json: row 'full' seed 0 was run with mpo = .*0\.005.*Use another --out", err), err
+    assert re.search(r"results\.json: row 'full' seed 0 was run with mpo\[1\]\.lr = 0\.005; this study's config has "
+                     r"0\.001\. Use another --out", err), err
 
 
 def test_cli_input_errors(tmp_path, capsys, monkeypatch):

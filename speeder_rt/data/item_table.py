@@ -3,7 +3,8 @@
 On disk a table is a directory holding ``features.safetensors`` (``<modality>.features`` float16 [N, d] and
 ``<modality>.available`` uint8 [N]) and ``items.json`` (keys, titles, descriptions, modality order, extra
 metadata). It is written atomically and memory-mapped on load: the feature matrices of a loaded table are
-views of the file's pages, so a million-item table costs no RAM until rows are touched.
+views of the file's pages, so a million-item table costs no private RAM (loading reads every feature once, to
+refuse a NaN or infinite one naming its item; the pages stay shared in the page cache).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from safetensors.numpy import save_file
 
 from speeder_rt.utils.io import atomic_dir
-from speeder_rt.utils.readers import read_json_fields, read_safetensors
+from speeder_rt.utils.readers import first_non_finite, read_json_fields, read_safetensors
 
 FORMAT_VERSION = 1
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -127,6 +128,14 @@ class ItemTable:
                 save_file(tensors, str(tmp / "features.safetensors"))
             (tmp / "items.json").write_text(json.dumps(index), encoding="utf-8")
 
+    def _check_finite(self, file: Path) -> None:
+        """A ``ValueError`` naming ``file``, the modality and the item of the first NaN / infinite feature."""
+        found = first_non_finite(self.features)
+        if found:
+            modality, (row, col), value = found
+            raise ValueError(f"{file}: modality {modality!r} row {row} (item {self.item_keys[row]!r}) column {col} is "
+                             f"{value}: every feature must be finite")
+
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> ItemTable:
         """Load a table saved by :meth:`save`; with ``mmap`` the feature matrices map the file's pages."""
@@ -145,4 +154,5 @@ class ItemTable:
             for m in index["modalities"]:
                 table.features[m] = tensors[f"{m}.features"]
                 table.available[m] = tensors[f"{m}.available"].bool()
+            table._check_finite(path / "features.safetensors")
         return table

@@ -54,8 +54,7 @@ class ParityError(RuntimeError):
     """The exported engine disagrees with the PyTorch model beyond ``atol``; ``report`` has the numbers."""
 
     def __init__(self, report: ParityReport) -> None:
-        super().__init__(f"parity outside atol={report.atol:g} (max relative error "
-                         f"{max(c.max_rel_error for c in report.scores + report.topk):.3e})")
+        super().__init__(report.failure())
         self.report = report
 
 

@@ -25,7 +25,9 @@ no item features, only the template rows of the vocabulary embedding).
 Parity: ``parity_cases`` draws valid random inputs over the export ranges; ``check_parity`` compares a
 ``Runner`` (an exported artifact, loaded) against the PyTorch ``SpeederModel``. A case passes when
 ``max |engine - reference| <= atol * max(1, max |reference|)``, i.e. ``atol`` is relative to the
-scores' magnitude (and absolute for scores below 1).
+scores' magnitude (and absolute for scores below 1), and every score of both sides is finite (a NaN or an
+infinity fails the case whatever ``atol``: NaN equal to NaN is no agreement; top-k's -inf for excluded history
+items, on both sides, excepted).
 """
 from __future__ import annotations
 
@@ -199,6 +201,7 @@ class ParityCase:
     scale: float = 1.0
     top1_agreement: float = 1.0
     passed: bool = True
+    non_finite: str = ""  # e.g. "reference nan": a side scored NaN or an infinity (fails whatever atol)
 
 
 @dataclass
@@ -212,6 +215,17 @@ class ParityReport:
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.scores + self.topk)
+
+    def failure(self) -> str:
+        """Why the parity check failed, in one sentence."""
+        cases = self.scores + self.topk
+        broken = next((c for c in cases if c.non_finite), None)
+        if broken:
+            side, _, value = broken.non_finite.partition(" ")
+            cause = ("the model's weights or item features are not finite (a diverged training?)" if side == "reference"
+                     else "the engine computes what the model does not")
+            return f"parity failed: the {side} scored {value} on valid inputs; {cause}"
+        return f"parity outside atol={self.atol:g} (max relative error {max(c.max_rel_error for c in cases):.3e})"
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"passed": self.passed, "atol": self.atol, "rule": self.rule}
@@ -231,7 +245,8 @@ class ParityReport:
         for name, cases in (("scores", self.scores), ("topk", self.topk)):
             for c in cases:
                 lines.append(f"  {name:6s} B={c.batch:<3d} n={c.history:<3d} K={c.candidates:<4d} max_abs={c.max_abs_error:.3e} "
-                             f"max_rel={c.max_rel_error:.3e} top1={c.top1_agreement:.2f} {'ok' if c.passed else 'FAIL'}")
+                             f"max_rel={c.max_rel_error:.3e} top1={c.top1_agreement:.2f} {'ok' if c.passed else 'FAIL'}"
+                             + (f" ({c.non_finite})" if c.non_finite else ""))
         return "\n".join(lines)
 
 
@@ -255,9 +270,24 @@ def parity_cases(num_items: int, ranges: Ranges, seed: int = 0) -> list[tuple[np
     return cases
 
 
-def _compare(case: ParityCase, got: np.ndarray, want: np.ndarray, atol: float) -> None:
+def non_finite(got: np.ndarray, want: np.ndarray, excluded: bool = False) -> str:
+    """"" when every score of both sides is finite, else the first side holding a NaN or an infinity and that value
+    ("reference nan", "engine inf"). ``excluded``: top-k values, where -inf on both sides at the same place is an
+    excluded history item (a k beyond the items left)."""
+    finite_got, finite_want = np.isfinite(got), np.isfinite(want)
+    if excluded:
+        both = (got == -np.inf) & (want == -np.inf)
+        finite_got, finite_want = finite_got | both, finite_want | both
+    for side, values, finite in (("reference", want, finite_want), ("engine", got, finite_got)):
+        if not finite.all():
+            return f"{side} {float(values[~finite].flat[0])}"
+    return ""
+
+
+def _compare(case: ParityCase, got: np.ndarray, want: np.ndarray, atol: float, excluded: bool = False) -> None:
+    case.non_finite = non_finite(got, want, excluded)
     finite = np.isfinite(want)
-    if not np.array_equal(finite, np.isfinite(got)):
+    if case.non_finite or not np.array_equal(finite, np.isfinite(got)):
         case.max_abs_error = case.max_rel_error = math.inf
     elif finite.any():
         err = np.abs(got[finite].astype(np.float64) - want[finite])
@@ -301,12 +331,17 @@ def _check_topk(runner: Runner, model: SpeederModel, table: torch.Tensor, histor
     want_ids = np.argsort(-full, axis=1, kind="stable")[:, :k]
     got_ids, got = runner.topk(ids, mask)
     case = ParityCase(candidates=k, **shape)
-    _compare(case, got, full[rows, want_ids], atol)
+    _compare(case, got, full[rows, want_ids], atol, excluded=True)
     consistent = ParityCase(candidates=k, **shape)
     in_range = (got_ids >= 0).all() and (got_ids < model.num_items).all()
-    _compare(consistent, got, full[rows, got_ids] if in_range else np.full(got.shape, np.nan), atol)
+    if in_range:
+        _compare(consistent, got, full[rows, got_ids], atol, excluded=True)
+    else:
+        consistent.max_abs_error = consistent.max_rel_error = math.inf
+        consistent.passed = False
     case.max_abs_error = max(case.max_abs_error, consistent.max_abs_error)
     case.max_rel_error = max(case.max_rel_error, consistent.max_rel_error)
     case.passed = case.passed and consistent.passed
+    case.non_finite = case.non_finite or consistent.non_finite
     case.top1_agreement = float((got_ids[:, 0] == want_ids[:, 0]).mean())
     return case

@@ -35,7 +35,7 @@ from torch import nn
 
 from speeder_rt.data.item_table import ItemTable
 from speeder_rt.utils.io import atomic_dir, write_json
-from speeder_rt.utils.readers import read_json_fields, read_safetensors
+from speeder_rt.utils.readers import check_finite, read_json_fields, read_safetensors
 
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, ITEMS, BACKBONE = "config.json", "model.safetensors", "items", "backbone"
@@ -221,9 +221,10 @@ def _backbone_from_files(directory: Path, dtype: torch.dtype) -> tuple[nn.Module
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load DIR/model.safetensors into ``model`` (built from the same config): every tensor it should hold,
-    with the model's dtypes and shapes, and nothing else."""
+    with the model's dtypes and shapes, every value finite, and nothing else."""
     file = Path(path) / WEIGHTS
     skip = skipped_keys(model)
     expected = {n: (t.dtype, tuple(t.shape)) for n, t in model.state_dict().items() if n not in skip}
     tensors = read_safetensors(file, expected)
+    check_finite(file, tensors)  # a diverged run's NaN weights would serve NaN scores
     model.load_state_dict(tensors, strict=False)  # the check above leaves exactly ``skip`` missing

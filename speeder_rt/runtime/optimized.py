@@ -8,6 +8,7 @@
 checks them by the request contract (``speeder_rt.runtime.validation``: ``RequestError`` with every runtime's
 messages; max_history is the model's, max_candidates the constructor's). ``scores`` is the model's tensor form:
 its shapes and ranges are ``SpeederModel.check_inputs``', integer dtypes and the candidate count the contract's.
+Both raise ``ModelOutputError`` rather than return a NaN or infinite score (non-finite weights or features).
 
 What it does differently from calling the model:
 
@@ -36,7 +37,7 @@ from speeder_rt.data.sequences import PAD
 from speeder_rt.export.format import Ranges
 from speeder_rt.model.speeder import SpeederModel
 from speeder_rt.runtime.recommender import pad_histories
-from speeder_rt.runtime.validation import Ids, RequestContract, check_integer_dtype
+from speeder_rt.runtime.validation import Ids, RequestContract, check_finite_scores, check_integer_dtype
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_HISTORY_BUCKETS = (10, 20, 50)
@@ -93,13 +94,18 @@ class OptimizedSpeeder:
         histories, candidates = self.contract.recommend(history_ids, candidate_ids)
         history, mask = pad_histories(histories)
         inputs = (torch.from_numpy(history), torch.from_numpy(mask.sum(1)), torch.from_numpy(candidates))
-        return self._serve(*inputs).cpu().numpy()
+        scores = self._serve(*inputs).cpu().numpy()
+        check_finite_scores(scores)
+        return scores
 
     def scores(self, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """float32 [B, K] on the model's device: history [B, W] (PAD after the ``history_len`` [B] real items),
         candidates [B, K] item ids."""
         self._check(history, history_len, candidates)
-        return self._serve(history, history_len, candidates)
+        scores = self._serve(history, history_len, candidates)
+        if not bool(torch.isfinite(scores).all()):
+            check_finite_scores(scores.cpu().numpy(), "history")
+        return scores
 
     @torch.no_grad()
     def _serve(self, history: torch.Tensor, history_len: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

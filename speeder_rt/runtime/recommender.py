@@ -8,8 +8,9 @@
 Histories are lists of item ids, oldest first (ragged lists are padded internally), or 2-D arrays /
 tensors padded with negative ids after the real items. Requests are checked by the request contract
 (``speeder_rt.runtime.validation``: bad ones raise its ``RequestError``, with the C++ runtime's messages);
-batches larger than the exported max batch are split into chunks. Results are numpy arrays and match the
-PyTorch model (within the export's parity).
+batches larger than the exported max batch are split into chunks. A NaN or infinite score is never returned:
+``ModelOutputError`` names the request row instead (see ``validation.check_finite_scores``). Results are numpy
+arrays and match the PyTorch model (within the export's parity).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from speeder_rt.export.format import EXPORT_JSON, Ranges, Runner
 from speeder_rt.export.runners import check_threads, load_runner
-from speeder_rt.runtime.validation import Ids, RequestContract
+from speeder_rt.runtime.validation import Ids, RequestContract, check_finite_scores, check_finite_topk
 
 
 class Recommender:
@@ -64,7 +65,9 @@ class Recommender:
 
     def recommend(self, history_ids: Ids, candidate_ids: Ids) -> np.ndarray:
         """Scores float32 [B, K] of each user's K candidates (higher = more likely next)."""
-        return self._scores(*self.contract.recommend(history_ids, candidate_ids))
+        scores = self._scores(*self.contract.recommend(history_ids, candidate_ids))
+        check_finite_scores(scores)
+        return scores
 
     def recommend_batch(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[np.ndarray]:
         """Scores float32 [K_i] per (history, candidates) request; requests with the same K run batched together."""
@@ -75,6 +78,7 @@ class Recommender:
             by_count.setdefault(len(candidates), []).append(i)
         for members in by_count.values():
             scores = self._scores([pairs[i][0] for i in members], np.stack([pairs[i][1] for i in members]))
+            check_finite_scores(scores, "requests", members)
             for i, row in zip(members, scores):
                 out[i] = row
         return out
@@ -85,6 +89,7 @@ class Recommender:
         parts = [self.runner.topk(*pad_histories(histories[a:b])) for a, b in self._chunks(len(histories))]
         ids = np.concatenate([p[0] for p in parts])[:, :k]
         scores = np.concatenate([p[1] for p in parts])[:, :k]
+        check_finite_topk(pad_histories(histories)[0], ids, scores)
         return ids.astype(np.int64, copy=False), scores.astype(np.float32, copy=False)
 
     def _scores(self, histories: list[np.ndarray], candidates: np.ndarray) -> np.ndarray:

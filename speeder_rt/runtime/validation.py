@@ -27,6 +27,10 @@ problem of a request: ``parse_*`` (types and shapes; Python only, since C++ call
 (csrc/runtime/validation.h) and its binding raises as this ``RequestError``. Messages hold no in-process reprs
 (values are shown as ``3``, ``1.5``, ``nan``, ``True``, ``None``, ``"abc"``, ``a list of length 2``), so a server
 can return them as they are.
+
+What a runtime returns is checked too: a NaN or infinite score of a valid request (non-finite weights or item
+features) is ``ModelOutputError`` (a ``RuntimeError``: the server's fault, not the request's), never an answer; in
+top-k only -inf for the row's own history items (excluded, ranked last) passes.
 """
 from __future__ import annotations
 
@@ -266,4 +270,40 @@ class RequestContract:
         return f"item ids must be in 0..{self.num_items - 1}, got {int(value)}"
 
 
-__all__ = ["INT64_MAX", "INT64_MIN", "Ids", "RequestContract", "RequestError", "check_integer_dtype", "describe"]
+# -- what a runtime returns ------------------------------------------------------------------------------------
+class ModelOutputError(RuntimeError):
+    """The model scored a valid request with a NaN or an infinity: its weights or item features are not finite (a
+    diverged training, a corrupt export). Not the request's fault, so not a ``RequestError``; nothing is returned."""
+
+
+def _non_finite_answer(field: str, position: str, value: float) -> ModelOutputError:
+    return ModelOutputError(f"{field}: the model scored {position} {describe(value)}; its weights or item features "
+                            "are not finite (a diverged training or a corrupt export), so no scores are returned")
+
+
+def check_finite_scores(scores: np.ndarray, field: str = "history_ids", rows: Sequence[int] | None = None) -> None:
+    """``ModelOutputError`` naming the request row (``rows[i]`` for row i when given) and the candidate of the
+    first non-finite score of ``scores`` [B, K]."""
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise _non_finite_answer(f"{field}[{row if rows is None else rows[row]}]", f"candidate {col}",
+                                 float(scores[row, col]))
+
+
+def check_finite_topk(history_ids: np.ndarray, item_ids: np.ndarray, scores: np.ndarray) -> None:
+    """``ModelOutputError`` unless every top-k score is finite, or -inf for an item of the row's own history (the
+    excluded items a k beyond the items left reaches): a NaN would otherwise rank first. ``history_ids``: the
+    histories padded with negative ids [B, n]."""
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        excluded = (item_ids[:, :, None] == history_ids[:, None, :]).any(2)
+        bad &= ~((scores == -np.inf) & excluded)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise _non_finite_answer(f"history_ids[{row}]", f"item {int(item_ids[row, col])} (rank {col})",
+                                 float(scores[row, col]))
+
+
+__all__ = ["INT64_MAX", "INT64_MIN", "Ids", "ModelOutputError", "RequestContract", "RequestError",
+           "check_finite_scores", "check_finite_topk", "check_integer_dtype", "describe"]

@@ -9,6 +9,7 @@ from speeder_rt.study.report import require_matplotlib, write_report
 from speeder_rt.study.rows import BASELINE_ROWS, SPAE_ROWS
 from speeder_rt.study.runner import plan, run_study
 from speeder_rt.train.config import read_config_file
+from speeder_rt.train.faults import TrainingStopped
 
 
 def _ids(text: str) -> list[str]:
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # a row diverged, or a checkpoint could not be written: the rows done are kept
+        print(f"error: {e}", file=sys.stderr)
+        return e.status
     command = shlex.join(["python", "-m", "speeder_rt.study", *(argv if argv is not None else sys.argv[1:])])
     text, paths = write_report(study.out, study.rows, results, study.seeds, command, study.selection.same_as)
     print(text)

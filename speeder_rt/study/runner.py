@@ -43,7 +43,7 @@ from speeder_rt.train.kinds import SPEEDER
 from speeder_rt.train.trainer import Trainer
 from speeder_rt.utils.io import atomic_dir, write_json
 from speeder_rt.utils.progress import progress_bar
-from speeder_rt.utils.readers import first_difference, read_json, read_json_fields, read_safetensors
+from speeder_rt.utils.readers import differences, read_json, read_json_fields, read_safetensors
 
 FORMAT_VERSION = 1
 RESULTS = "results.json"
@@ -119,8 +119,9 @@ def find_run(results: Mapping[str, Any], row: str, seed: int) -> dict[str, Any] 
 
 def check_recorded(out: Path, run: Mapping[str, Any], key: dict[str, Any]) -> None:
     """A recorded run must have been made with the config the row has now."""
-    diff = first_difference(run.get("config"), key)
-    if diff:
+    diffs = differences(run.get("config"), key)
+    if diffs:
+        diff = diffs[0]
         raise ValueError(f"{out / RESULTS}: row {run['row']!r} seed {run['seed']} was run with {diff[0] or 'config'} = "
                          f"{diff[1]!r}; this study's config has {diff[2]!r}. Use another --out for a different "
                          "config, or delete the directory to start over")

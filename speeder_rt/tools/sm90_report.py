@@ -40,10 +40,10 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 from unittest import mock
 
 import torch
@@ -214,7 +214,7 @@ class Build:
         return repr((self.module, self.kernel, sorted(self.signature.items()), sorted(self.constexprs.items()),
                      sorted(self.attrs.items()), sorted(self.options.items())))
 
-    def with_config(self, num_warps: int, num_stages: int, **blocks: int) -> "Build":
+    def with_config(self, num_warps: int, num_stages: int, **blocks: int) -> Build:
         """The same specialisation with another config (``BLOCK_*`` constexprs, warps, stages): for trying configs
         that are not in a kernel's list, and for the report's own tests."""
         names = _resolve(self.module, self.kernel).arg_names
@@ -343,7 +343,7 @@ class Row:
         return "+".join(kinds) or "-"
 
 
-@functools.lru_cache()
+@functools.lru_cache
 def _tools() -> tuple[str, str]:
     """(ptxas, cuobjdump): the ptxas Triton itself runs for sm_90, and the cuobjdump beside it."""
     from triton.backends.nvidia.compiler import get_ptxas

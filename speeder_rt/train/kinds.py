@@ -43,6 +43,7 @@ class Phase:
     lr: float
     epochs: int = 0
     steps: int = 0  # warm-up length; main phases run whole epochs
+    lr_key: str = ""  # the config key that sets ``lr`` (named when training diverges)
 
 
 class ModelKind:
@@ -110,10 +111,11 @@ class SpeederKind(ModelKind):
         phases = []
         for i, s in enumerate(stages):
             fresh = new_modalities(stages, i)
+            lr_key = f"mpo[{i}].lr" if cfg.mpo else "mpo_defaults.lr"
             if i > 0 and fresh and s.warmup_steps > 0:
                 phases.append(Phase(i, "warmup", s.modalities, [f"expert:{m}" for m in fresh] + ["gate"], s.lr,
-                                    steps=s.warmup_steps))
-            phases.append(Phase(i, "main", s.modalities, s.trainable, s.lr, epochs=s.epochs))
+                                    steps=s.warmup_steps, lr_key=lr_key))
+            phases.append(Phase(i, "main", s.modalities, s.trainable, s.lr, epochs=s.epochs, lr_key=lr_key))
         return phases
 
     def phase_parameters(self, model: nn.Module, phase: Phase) -> list[nn.Parameter]:
@@ -155,7 +157,7 @@ class TextBaselineKind(ModelKind):
     def phases(self, cfg: RunConfig) -> list[Phase]:
         """One main phase over the trainable weights."""
         tb = cfg.text_baseline
-        return [Phase(0, "main", [], ["all"], tb.lr, epochs=tb.epochs)]
+        return [Phase(0, "main", [], ["all"], tb.lr, epochs=tb.epochs, lr_key="text_baseline.lr")]
 
     def phase_parameters(self, model: nn.Module, phase: Phase) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]

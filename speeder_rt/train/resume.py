@@ -24,7 +24,7 @@ from torch import nn
 
 from speeder_rt.model.pretrained import FORMAT_VERSION, save_model_dir
 from speeder_rt.utils.io import write_json
-from speeder_rt.utils.readers import read_json_fields, read_safetensors
+from speeder_rt.utils.readers import check_finite, read_json_fields, read_safetensors
 
 RESUME_JSON, RESUME_TENSORS = "resume.json", "resume.safetensors"
 
@@ -79,6 +79,7 @@ def read_resume_state(path: str | Path) -> ResumeState:
     if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
         raise ValueError(f"{file}: optimizer.param_groups must be a list of groups, each with a 'params' list")
     tensors = read_safetensors(path / RESUME_TENSORS, mmap=False)
+    check_finite(path / RESUME_TENSORS, tensors)
     state: dict[str, dict[str, Any]] = {name: dict(values) for name, values in scalars.items()}
     rng = {}
     for key, tensor in tensors.items():

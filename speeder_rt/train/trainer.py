@@ -24,6 +24,7 @@ runs each rank on one intra-op thread); with another world size it continues to 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from speeder_rt.data import ItemTable, SequenceData
@@ -42,7 +44,6 @@ from speeder_rt.train.config import RunConfig, run_config_from_dict
 from speeder_rt.train.distributed import (
     World,
     all_reduce_sum,
-    barrier,
     check_batch,
     gather_rank_rng,
     micro_batches,
@@ -51,11 +52,27 @@ from speeder_rt.train.distributed import (
     pick_device,
     restore_rank_rng,
 )
+from speeder_rt.train.faults import (
+    CheckpointFailed,
+    Diverged,
+    Preempted,
+    StopRequest,
+    TrainingStopped,
+    agree,
+    finite,
+    stop_signal_name,
+    total_norm,
+)
 from speeder_rt.train.kinds import Phase, kind_named, kind_of
 from speeder_rt.train.resume import RESUME_TENSORS, ResumeState, read_resume_state, save_checkpoint
-from speeder_rt.utils.readers import first_difference
+from speeder_rt.utils.readers import differences, first_non_finite
 
 PHASE_CODES = {"warmup": 0, "main": 1}
+# run-config keys a resume may change: they change how the same steps are computed (device, threads, sharding,
+# micro-batches: to fp32 rounding) or reported, not which steps run
+RESUME_MAY_CHANGE = frozenset({"out_dir", "train.device", "train.num_threads", "train.parallel",
+                               "train.grad_accumulation", "train.eval_batch_size", "train.checkpoint_every",
+                               "train.progress", "train.deterministic"})
 
 
 @dataclass
@@ -135,6 +152,9 @@ class Trainer:
         self.step_losses: list[float] = []  # the training loss of every step this process ran, in order
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.stop_request = StopRequest()  # the train CLI installs its signal handlers around run()
+        self.stop_signal = 0  # the stop signal every rank agreed on after the last step (0: none)
+        self.last_saved: int | None = None  # the global step last/ holds (None: none written or resumed from)
 
     @property
     def complete(self) -> bool:
@@ -192,21 +212,57 @@ class Trainer:
             resume = ResumeState(progress, self.parallel.optimizer_state(self.optimizer), self.scheduler.state_dict(),
                                  rng, facts)
         path = self.out / name
-        if self.world.is_main:
-            save_checkpoint(path, self.model, state_dict=state, run_config=recorded_config(self.cfg), resume=resume)
-        barrier(self.world)
+        error = self._write_checkpoint(path, state, resume) if self.world.is_main else None
+        # every rank waits here for rank 0's outcome (the barrier after a write), so all of them raise together
+        diverged, failed = agree(self.world, isinstance(error, Diverged), isinstance(error, CheckpointFailed))
+        if diverged or failed:
+            raise error or (Diverged if diverged else CheckpointFailed)(f"rank 0 could not write {path}")
+        if name == "last":
+            self.last_saved = self.progress.global_step
         return path
 
-    def resume(self, path: str | Path) -> None:
+    def _write_checkpoint(self, path: Path, state: dict[str, torch.Tensor] | None,
+                          resume: ResumeState | None) -> TrainingStopped | None:
+        """Write one checkpoint (rank 0); the reason it was not written, or None. Non-finite weights (a step that
+        overflowed them) are never written; a failed write leaves the previous checkpoint as it was."""
+        bad = first_non_finite(self.model.state_dict() if state is None else state)
+        if bad:
+            return Diverged(f"training diverged: weight {bad[0]!r} is {bad[2]} after global step "
+                            f"{self.progress.global_step}, so {path} was not written; {self._kept()}. "
+                            f"{self._advice()}")
+        try:
+            save_checkpoint(path, self.model, state_dict=state, run_config=recorded_config(self.cfg), resume=resume)
+        except (OSError, SafetensorError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            return CheckpointFailed(f"could not write {path}: {reason}; the checkpoint there before (if any) is "
+                                    f"intact ({self._kept()}); free space or fix the directory, then resume")
+        return None
+
+    def _kept(self) -> str:
+        """Which checkpoint holds the last good state, for the messages of an early stop."""
+        last = self.out / "last"
+        if self.last_saved is not None:
+            return f"{last} holds global step {self.last_saved}"
+        return f"{last} is as it was" if last.exists() else "no last/ checkpoint was written yet"
+
+    def _advice(self) -> str:
+        phase = self.phases[min(self.progress.phase, len(self.phases) - 1)]
+        return (f"Try a lower learning rate ({phase.lr_key}) or train.grad_clip, or check the data and item features "
+                "for extreme values; then resume from last/ with --resume-changed-config, or start over")
+
+    def resume(self, path: str | Path, allow_changed_config: bool = False) -> None:
         """Continue from a run's ``last/`` directory (a finished run's leaves ``complete`` True); call it before
-        ``run`` (the weights load before FSDP2 shards them)."""
+        ``run`` (the weights load before FSDP2 shards them). A run config that differs from the checkpoint's in
+        anything but ``RESUME_MAY_CHANGE`` is refused unless ``allow_changed_config`` (then each change is logged)."""
         path = check_model_dir(path)
         config = read_model_config(path, self.kind)
         state = read_resume_state(path)
         own = self.model.cfg.to_dict()
-        diff = first_difference({**config["model_config"], "attn_backend": own.get("attn_backend")}, own)
+        diff = differences({**config["model_config"], "attn_backend": own.get("attn_backend")}, own)
         if diff:  # the attention backend computes the same function, so a run may switch it (e.g. CPU -> GPU)
-            raise ValueError(f"{path}: trained with model.{diff[0]} = {diff[1]!r}; this run's config has {diff[2]!r}")
+            raise ValueError(f"{path}: trained with model.{diff[0][0]} = {diff[0][1]!r}; this run's config has "
+                             f"{diff[0][2]!r}")
+        self._check_run_config(path, config.get("run_config"), allow_changed_config)
         self._check_table(path / ITEMS)
         load_weights(self.model, path)
         progress = dict(state.progress)
@@ -240,6 +296,20 @@ class Trainer:
             self.log(f"note: checkpointed with {threads[0] or 'an unknown number of'} intra-op threads, resuming with "
                      f"{threads[1]}: the result matches the uninterrupted run to fp32 rounding; bit for bit only with "
                      "torch.set_num_threads(1) in both")
+
+    def _check_run_config(self, path: Path, recorded: dict[str, Any] | None, allow: bool) -> None:
+        if recorded is None:  # a model saved outside a training run (e.g. converted): nothing to compare with
+            return
+        changes = [(key, a, b) for key, a, b in differences(recorded, json.loads(json.dumps(recorded_config(self.cfg))))
+                   if not key.startswith("model.") and key not in RESUME_MAY_CHANGE]  # model: compared above
+        if not changes:
+            return
+        listed = "; ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in changes)
+        if not allow:
+            raise ValueError(f"{path}: this run's config differs from the one the checkpoint was trained with "
+                             f"({listed}), so resuming would not continue the same run; pass --resume-changed-config "
+                             "to continue with the new settings anyway")
+        self.log(f"note: resuming {path} with a changed config ({listed}): the run continues with the new settings")
 
     def _check_table(self, saved: Path) -> None:
         """The run's item table must be the one the checkpoint was trained with (same items and features)."""
@@ -287,11 +357,30 @@ class Trainer:
                 (loss if share is None else loss * (share * self.world.size)).backward()
             part = loss.detach() if share is None else loss.detach() * share
             total = part if total is None else total + part
-        torch.nn.utils.clip_grad_norm_([q for g in self.optimizer.param_groups for q in g["params"]],
-                                       self.cfg.train.grad_clip)
+        norm = total_norm(torch.nn.utils.clip_grad_norm_([q for g in self.optimizer.param_groups for q in g["params"]],
+                                                         self.cfg.train.grad_clip))
+        loss = all_reduce_sum(self.world, total)
+        # one collective per step: every rank stops at the same step, on divergence before the weights move
+        diverged, self.stop_signal = agree(self.world, not finite(loss, norm), self.stop_request.signum or 0)
+        if diverged:
+            raise Diverged(self._divergence(loss, norm))
         self.optimizer.step()
         self.scheduler.step()
-        return all_reduce_sum(self.world, total)
+        return loss
+
+    def _divergence(self, loss: float, norm: float) -> str:
+        p = self.progress
+        return (f"training diverged in {self._where(p.step_in_epoch + 1)}: loss {loss:.6g}, grad norm {norm:.6g}, "
+                f"learning rate {self.optimizer.param_groups[0]['lr']:.6g}; the step was not applied and "
+                f"{self._kept()}. {self._advice()}")
+
+    def _where(self, step: int) -> str:
+        """Stage, phase, epoch and ``step`` (1-based, of the epoch) of the current phase, and the global step."""
+        p = self.progress
+        phase = self.phases[p.phase]
+        modalities = "+".join(phase.modalities) or "text"
+        return (f"stage {phase.stage} ({modalities}, {phase.name}), epoch {p.epoch}, step {step} "
+                f"(global step {p.global_step - p.step_in_epoch + step})")
 
     def validate(self) -> dict[str, float]:
         """Validation metrics over all users: each rank evaluates its block of users (whole batches), the results
@@ -331,6 +420,9 @@ class Trainer:
                         if stop_after_steps is not None and p.global_step >= stop_after_steps:
                             bar.close()
                             return {}
+                    if self.stop_signal:
+                        bar.close()
+                        self._preempt()
                 bar.close()
                 if phase.name == "warmup":
                     if self._warmup_done(phase):
@@ -350,6 +442,15 @@ class Trainer:
                 self._start_phase(p.phase)
         self.save("last")
         return self.last_metrics
+
+    def _preempt(self) -> None:
+        """Write last/ at the step just taken (unless checkpoint_every just did) and raise ``Preempted``."""
+        last = self.out / "last"
+        if self.last_saved != self.progress.global_step:
+            self.save("last")
+        where = self._where(self.progress.step_in_epoch)
+        raise Preempted(f"stopped by {stop_signal_name(self.stop_signal)} after {where}: {last} holds that step; "
+                        f"resume by running the same command with --resume {last}", self.stop_signal)
 
     def _warmup_done(self, phase: Phase) -> bool:
         """A warm-up phase ends after ``phase.steps`` steps (checked before each step, so a resume from a

@@ -63,15 +63,15 @@ def read_json_fields(file: str | Path, fields: tuple[str, ...], format_version: 
     return data
 
 
-def first_difference(a: Any, b: Any, key: str = "") -> tuple[str, Any, Any] | None:
-    """(dotted key, a's value, b's value) of the first place two JSON values differ, or None."""
+def differences(a: Any, b: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, a's value, b's value) of every place two JSON values differ (lists of equal length item by
+    item: ``mpo[1].lr``), in the order of ``a``'s keys, then ``b``'s new ones."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for k in [*a, *(k for k in b if k not in a)]:
-            found = first_difference(a.get(k), b.get(k), f"{key}.{k}" if key else k)
-            if found:
-                return found
-        return None
-    return None if a == b else (key, a, b)
+        return [d for k in [*a, *(k for k in b if k not in a)]
+                for d in differences(a.get(k), b.get(k), f"{key}.{k}" if key else k)]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{key}[{i}]")]
+    return [] if a == b else [(key, a, b)]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -102,6 +102,27 @@ def read_safetensors(file: str | Path, expected: Expected | None = None, mmap: b
         tensor = torch.from_numpy(array)
         out[name] = tensor.view(torch.bfloat16) if dtype == "BF16" else tensor
     return out
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> tuple[str, tuple[int, ...], float] | None:
+    """(name, index, value) of the first NaN or infinity in the floating tensors of ``tensors``, or None."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            bad = ~torch.isfinite(tensor)
+            if bool(bad.any()):
+                index = tuple(int(i) for i in bad.nonzero()[0])
+                return name, index, float(tensor[index])
+    return None
+
+
+def check_finite(file: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """A ``ValueError`` naming the file, the tensor and the element when a floating tensor holds a NaN or an
+    infinity (a diverged training's weights, a corrupt feature): nothing computed from it would mean anything."""
+    found = first_non_finite(tensors)
+    if found:
+        name, index, value = found
+        raise ValueError(f"{file}: tensor {name!r} holds a non-finite value ({value} at index {list(index)}); "
+                         "refusing to load it")
 
 
 def _header(file: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], int]:

@@ -312,9 +312,10 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------------
     def _loss(self, samples, idx: np.ndarray) -> torch.Tensor:
-        to = lambda a: torch.from_numpy(a[idx]).to(self.device)  # noqa: E731
-        label = samples.label if self.kind == "speeder" else samples.target
-        return self.parallel.loss(to(samples.history), to(samples.history_len), to(samples.candidates), to(label))
+        batch = samples.subset(idx)  # the batch's history windows are gathered here, never the whole split's
+        to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        label = batch.label if self.kind == "speeder" else batch.target
+        return self.parallel.loss(to(batch.history), to(batch.history_len), to(batch.candidates), to(label))
 
     def _loss_terms(self, samples, batch: np.ndarray) -> np.ndarray:
         """Per sample of ``batch``, the terms its loss averages over: 1 for Speeder, the target's tokens for the
@@ -323,8 +324,8 @@ class Trainer:
             return np.ones(len(batch))
         from speeder_rt.baselines.text_item import IGNORE
 
-        prompts = self.model.build_prompts(samples.history[batch], samples.history_len[batch],
-                                           samples.candidates[batch], samples.target[batch])
+        part = samples.subset(batch)
+        prompts = self.model.build_prompts(part.history, part.history_len, part.candidates, part.target)
         return (prompts.labels != IGNORE).sum(1).numpy()
 
     def _micro_batches(self, samples, batch: np.ndarray) -> list[tuple[np.ndarray, float | None]]:

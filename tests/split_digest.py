@@ -73,7 +73,7 @@ def digest(data: SequenceData) -> dict[str, Any]:
 
 
 def digests() -> dict[str, Any]:
-    return {name: digest(load_sequences(cfg)[2]) for name, cfg in cases()}
+    return {name: digest(load_sequences(cfg)[1]) for name, cfg in cases()}
 
 
 if __name__ == "__main__":

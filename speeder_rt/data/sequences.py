@@ -96,6 +96,8 @@ class SequenceData:
     valid: Samples
     test: Samples
     config: SplitConfig
+    titles: list[str] = field(default_factory=list, repr=False)  # per item ("" for none)
+    descriptions: list[str] = field(default_factory=list, repr=False)  # per item ("" for none)
 
     @cached_property
     def sequences(self) -> list[np.ndarray]:
@@ -250,6 +252,8 @@ def build_sequences(inter: Interactions, cfg: SplitConfig = SplitConfig()) -> Se
         valid=samples(every, lengths - 2),
         test=samples(every, lengths - 1),
         config=cfg,
+        titles=inter.titles,
+        descriptions=inter.descriptions,
     )
     for name in ("valid", "test"):
         draw_candidates(data, data.split(name), name, cfg.seed)

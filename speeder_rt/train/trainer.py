@@ -123,8 +123,9 @@ def recorded_config(cfg: RunConfig) -> dict[str, Any]:
     if sep and arg:
         reviews, comma, meta = arg.partition(",") if kind == "amazon" else (arg, "", "")
         data["source"] = f"{kind}:{absolute(reviews)}" + (f",{absolute(meta)}" if comma and meta else "")
-    if data.get("image_features"):
-        data["image_features"] = absolute(data["image_features"])
+    for path in ("image_features", "prepared"):
+        if data.get(path):
+            data[path] = absolute(data[path])
     backbone = raw["model"]["backbone"]
     if backbone.get("pretrained"):
         backbone["pretrained"] = absolute(backbone["pretrained"])
@@ -456,6 +457,6 @@ def load_trained(path: str | Path, kind: str | None = None):
 
     cfg = run_config_from_dict(config["run_config"], f"{Path(path) / 'config.json'}: run_config")
     model = load_model_dir(path, kind)
-    _, _, data = load_sequences(cfg)
+    _, data = load_sequences(cfg)
     check_table_fits(data, model.item_table, path)
     return model, cfg, data, model.item_table, config["model_kind"]

@@ -15,13 +15,13 @@ costs O(interactions) memory; a history window ``[S, W]`` is gathered only for t
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Annotated, Literal
 
 import numpy as np
 
+from speeder_rt.data import candidates
 from speeder_rt.data.interactions import Interactions
 from speeder_rt.utils.schema import NonNegativeInt, PositiveInt, Range, check
 
@@ -154,27 +154,26 @@ def draw_candidates(data: "SequenceData", samples: Samples, split: str, seed: in
     """Fill ``samples.candidates`` / ``label``: the target plus negatives the user never touched, shuffled.
 
     Deterministic in (seed, split, user key, sample order within the user): one generator per user, seeded
-    ``[seed, split code, crc32(user key)]``, draws the user's rows in order.
+    ``[seed, split code, crc32(user key)]``, draws the user's rows in order (``sample_negatives``, then
+    ``permutation``); ``speeder_rt.data.candidates`` runs those generators on arrays over all users at once.
     """
-    k = data.config.num_candidates
-    s = len(samples)
-    cands = np.empty((s, k), dtype=np.int64)
-    label = np.empty(s, dtype=np.int64)
-    code = _SPLIT_CODES[split]
+    k, n = data.config.num_candidates, data.num_items
     target = samples.target
-    by_user = np.argsort(samples.users, kind="stable")  # each user's rows, in order
-    users = samples.users[by_user]
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if s else np.zeros(0, np.int64)
-    for a, b in zip(starts, np.r_[starts[1:], s]):
-        u = int(users[a])
-        rng = np.random.default_rng([seed, code, zlib.crc32(data.user_keys[u].encode())])
-        exclude = data.seen[data.seen_offsets[u] : data.seen_offsets[u + 1]]
-        for r in by_user[a:b]:
-            row = np.concatenate([[target[r]], sample_negatives(rng, exclude, data.num_items, k - 1)])
+
+    def scalar_rows(rng: np.random.Generator, user: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        exclude = data.seen[data.seen_offsets[user] : data.seen_offsets[user + 1]]
+        cands, label = np.empty((len(rows), k), dtype=np.int64), np.empty(len(rows), dtype=np.int64)
+        for i, r in enumerate(rows):
+            row = np.concatenate([[target[r]], sample_negatives(rng, exclude, n, k - 1)])
             order = rng.permutation(k)
-            cands[r] = row[order]
-            label[r] = int(np.flatnonzero(order == 0)[0])
-    samples.candidates, samples.label = cands, label
+            cands[i], label[i] = row[order], int(np.flatnonzero(order == 0)[0])
+        return cands, label
+
+    owner = np.repeat(np.arange(len(data.user_keys), dtype=np.int64), np.diff(data.seen_offsets))
+    seen_key = owner * np.int64(n) + data.seen
+    words = candidates.seed_words(seed, _SPLIT_CODES[split], data.user_keys)
+    samples.candidates, samples.label = candidates.draw(np.asarray(samples.users), target, words, seen_key, n, k,
+                                                        scalar_rows)
 
 
 def _user_error(inter: Interactions, user: int, problem: str) -> ValueError:

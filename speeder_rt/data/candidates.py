@@ -118,7 +118,7 @@ class Streams:
         self.pos = np.zeros(n, dtype=np.int64)
         self.start = np.zeros(n, dtype=np.int64)  # stream position of buffer[:, 0]
         self.end = np.zeros(n, dtype=np.int64)  # stream position after the buffer's last valid value
-        self.buffer = np.zeros((n, 3 * _BLOCK), dtype=np.uint32)  # an unread part (< 48) and a new block
+        self.buffer = np.zeros((n, 3 * _BLOCK), dtype=np.uint32)  # an unread part (< _BLOCK) and a new block
 
     def _step(self, hi: np.ndarray, lo: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         hi, lo = _mul_const(hi, lo, _MULT_HI, _MULT_LO)
@@ -140,22 +140,23 @@ class Streams:
         return out
 
     def take(self, rows: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """(uint32 [len(rows), count] from each stream's ``pos``, whether the buffer held them all)."""
+        """(uint32 [len(rows), count] from each stream's ``pos``, whether the buffer held them all); ``count`` is
+        at most ``_BLOCK``."""
+        width = self.buffer.shape[1]
         short = rows[self.pos[rows] + count > self.end[rows]]
-        if len(short):  # keep the unread part, append a new block after it
+        if len(short):  # keep the unread part (< count values), append a new block after it
             keep = self.end[short] - self.pos[short]
-            width = self.buffer.shape[1]
+            unread = (self.pos[short] - self.start[short])[:, None] + np.arange(count)
+            refilled = np.empty((len(short), width), dtype=np.uint32)
+            refilled[:, :count] = self.buffer[short[:, None], np.minimum(unread, width - 1)]
             fresh = self._generate(short)
-            cols = np.arange(width)
-            old = np.take_along_axis(self.buffer[short], np.minimum((self.pos[short] - self.start[short])[:, None] + cols,
-                                                                    width - 1), 1)
-            new = np.take_along_axis(fresh, np.clip(cols - keep[:, None], 0, fresh.shape[1] - 1), 1)
-            self.buffer[short] = np.where(cols < keep[:, None], old, new)
+            refilled[np.arange(len(short))[:, None], keep[:, None] + np.arange(fresh.shape[1])] = fresh
+            self.buffer[short] = refilled
             self.start[short] = self.pos[short]
-            self.end[short] = self.pos[short] + np.minimum(keep + fresh.shape[1], width)
+            self.end[short] = self.pos[short] + keep + fresh.shape[1]
         at = (self.pos[rows] - self.start[rows])[:, None] + np.arange(count)
         complete = self.pos[rows] + count <= self.end[rows]
-        return np.take_along_axis(self.buffer[rows], np.minimum(at, self.buffer.shape[1] - 1), 1), complete
+        return self.buffer[rows[:, None], np.minimum(at, width - 1)], complete
 
 
 def scalar_generator(words: list[int], pos: int) -> np.random.Generator:

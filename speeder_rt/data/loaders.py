@@ -121,7 +121,8 @@ def load_csv(path: str | os.PathLike, progress: bool = False) -> Interactions:
     """CSV (UTF-8) whose header names ``user``, ``item``, ``timestamp`` and optionally ``title``, in any order;
     other columns are ignored. An item's title is its first non-empty one."""
     path = _existing_file(path)
-    parts = []
+    parts: list[pl.DataFrame] = []
+    titles: list[pl.DataFrame] = []
     header = lambda text, line: [h.strip() for h in _csv_fields(text, path, line, [])]  # noqa: E731
     for names, header_line, lines, _ in _headed_blocks(path, "utf-8-sig", progress, header, ("user", "item", "timestamp")):
         frame = _csv_frame(lines, names, path)
@@ -129,14 +130,10 @@ def load_csv(path: str | os.PathLike, progress: bool = False) -> Interactions:
         frame = frame.rename({f"field_{names.index(c)}": c for c in pick})
         _raise_first(frame, [_csv_structure_check(path, names)] + [_key_check(c, path) for c in ("user", "item")]
                      + [_timestamp_check("timestamp", path)])
-        parts.append(frame.select(pl.col("user", "item").str.strip_chars(), _timestamp_expr("timestamp"),
-                                  *([pl.col("title")] if "title" in names else [])))
-    rows = _body(parts, path, header_line)
-    catalog = None
-    if "title" in names:
-        catalog = (rows.filter(pl.col("title") != "").unique("item", keep="first", maintain_order=True)
-                   .select("item", "title", pl.lit("").alias("description")))
-    return _interactions(rows, catalog, str(path), extra_items=False)
+        rows = frame.select(pl.col("user", "item").str.strip_chars(), _timestamp_expr("timestamp"),
+                            *([pl.col("title")] if "title" in names else []))
+        parts.append(_first_titles(rows, titles) if "title" in names else rows)
+    return _interactions(_body(parts, path, header_line), _catalog(titles), str(path), extra_items=False)
 
 
 def load_parquet(path: str | os.PathLike) -> Interactions:
@@ -179,11 +176,10 @@ def load_parquet(path: str | os.PathLike) -> Interactions:
     _raise_first(frame, checks)
     rows = frame.select(pl.col("user", "item").cast(pl.String).str.strip_chars(), pl.col("timestamp").cast(pl.Int64),
                         *([pl.col("title").fill_null("")] if "title" in schema else []))
-    catalog = None
-    if "title" in schema:
-        catalog = (rows.filter(pl.col("title") != "").unique("item", keep="first", maintain_order=True)
-                   .select("item", "title", pl.lit("").alias("description")))
-    return _interactions(rows, catalog, str(path), extra_items=False)
+    del frame
+    titles: list[pl.DataFrame] = []
+    rows = _first_titles(rows, titles) if "title" in schema else rows
+    return _interactions(rows, _catalog(titles), str(path), extra_items=False)
 
 
 def _load_grouplens(root: Path, progress: bool) -> Interactions:
@@ -420,6 +416,22 @@ def _timestamp_check(column: str, path: Path, json_line: bool = False) -> tuple[
         raise DataFormatError(path, f"expected an integer timestamp (digits, optionally with a zero fraction), got "
                                     f"{value!r:.80}", line=row["line"], field=column)
     return _timestamp_expr(column).is_null(), explain
+
+
+def _first_titles(rows: pl.DataFrame, titles: list[pl.DataFrame]) -> pl.DataFrame:
+    """``rows`` without their ``title`` column, whose first non-empty value per item is appended to ``titles``."""
+    titles.append(rows.filter(pl.col("title") != "").unique("item", keep="first", maintain_order=True)
+                  .select("item", "title"))
+    return rows.drop("title")
+
+
+def _catalog(titles: list[pl.DataFrame]) -> pl.DataFrame | None:
+    """(item, title, description) of each item's first non-empty title over ``_first_titles``' blocks; None
+    when the source has no titles."""
+    if not titles:
+        return None
+    return (pl.concat(titles).unique("item", keep="first", maintain_order=True)
+            .with_columns(pl.lit("").alias("description")))
 
 
 def _nonempty(parts: list[pl.DataFrame], path: Path, allow_empty: bool = False) -> pl.DataFrame:

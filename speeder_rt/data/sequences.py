@@ -199,9 +199,9 @@ def build_sequences(inter: Interactions, cfg: SplitConfig = SplitConfig()) -> Se
     short = lengths < cfg.min_interactions
     kept = ~short
     # distinct items per user: sorted (user, item) pairs, once for all users
-    owner = np.repeat(np.arange(len(lengths)), lengths)
-    pairs = np.unique(owner * np.int64(inter.num_items) + items)
-    del owner
+    pairs = np.repeat(np.arange(len(lengths)), lengths) * np.int64(inter.num_items) + items
+    pairs.sort()
+    pairs = pairs[np.r_[True, pairs[1:] != pairs[:-1]]]
     distinct = np.bincount(pairs // inter.num_items, minlength=len(lengths))
     starved = kept & (inter.num_items - distinct < k - 1)
     bad = np.flatnonzero((short & (cfg.short_users == "error")) | starved)

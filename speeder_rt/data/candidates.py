@@ -25,7 +25,6 @@ the same point of its stream, which draws that user's remaining rows exactly as 
 """
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -47,12 +46,12 @@ def _u32(x: int) -> np.uint32:
     return np.uint32(x & _M32)
 
 
-def seed_words(seed: int, code: int, keys: list[str]) -> list[np.ndarray]:
-    """SeedSequence's entropy words of ``[seed, code, crc32(key)]`` per key (each below 2^32: one word each)."""
+def seed_words(seed: int, code: int, key_crc32: np.ndarray) -> list[np.ndarray]:
+    """SeedSequence's entropy words of ``[seed, code, crc32(user key)]`` per user (each below 2^32: one word)."""
     if not (0 <= seed <= _M32 and 0 <= code <= _M32):
         raise ValueError(f"seed {seed} and split code {code} must be below 2^32")
-    crc = np.fromiter((zlib.crc32(k.encode()) for k in keys), dtype=np.uint32, count=len(keys))
-    return [np.full(len(keys), seed, dtype=np.uint32), np.full(len(keys), code, dtype=np.uint32), crc]
+    n = len(key_crc32)
+    return [np.full(n, seed, dtype=np.uint32), np.full(n, code, dtype=np.uint32), key_crc32.astype(np.uint32)]
 
 
 def _seed_state(words: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -143,20 +142,21 @@ class Streams:
         """(uint32 [len(rows), count] from each stream's ``pos``, whether the buffer held them all); ``count`` is
         at most ``_BLOCK``."""
         width = self.buffer.shape[1]
+        flat = self.buffer.reshape(-1)
         short = rows[self.pos[rows] + count > self.end[rows]]
         if len(short):  # keep the unread part (< count values), append a new block after it
             keep = self.end[short] - self.pos[short]
-            unread = (self.pos[short] - self.start[short])[:, None] + np.arange(count)
-            refilled = np.empty((len(short), width), dtype=np.uint32)
-            refilled[:, :count] = self.buffer[short[:, None], np.minimum(unread, width - 1)]
+            base = short * width
+            if keep.any():
+                unread = np.minimum((self.pos[short] - self.start[short])[:, None] + np.arange(count), width - 1)
+                flat[base[:, None] + np.arange(count)] = flat[base[:, None] + unread]
             fresh = self._generate(short)
-            refilled[np.arange(len(short))[:, None], keep[:, None] + np.arange(fresh.shape[1])] = fresh
-            self.buffer[short] = refilled
+            flat[(base + keep)[:, None] + np.arange(fresh.shape[1])] = fresh
             self.start[short] = self.pos[short]
             self.end[short] = self.pos[short] + keep + fresh.shape[1]
-        at = (self.pos[rows] - self.start[rows])[:, None] + np.arange(count)
+        at = np.minimum((self.pos[rows] - self.start[rows])[:, None] + np.arange(count), width - 1)
         complete = self.pos[rows] + count <= self.end[rows]
-        return self.buffer[rows[:, None], np.minimum(at, width - 1)], complete
+        return flat[(rows * width)[:, None] + at], complete
 
 
 def scalar_generator(words: list[int], pos: int) -> np.random.Generator:

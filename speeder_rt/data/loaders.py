@@ -130,7 +130,7 @@ def load_csv(path: str | os.PathLike, progress: bool = False) -> Interactions:
         frame = frame.rename({f"field_{names.index(c)}": c for c in pick})
         _raise_first(frame, [_csv_structure_check(path, names)] + [_key_check(c, path) for c in ("user", "item")]
                      + [_timestamp_check("timestamp", path)])
-        rows = frame.select(pl.col("user", "item").str.strip_chars(), _timestamp_expr("timestamp"),
+        rows = frame.select(*_keys(frame, ("user", "item")), _timestamp_expr("timestamp"),
                             *([pl.col("title")] if "title" in names else []))
         parts.append(_first_titles(rows, titles) if "title" in names else rows)
     return _interactions(_body(parts, path, header_line), _catalog(titles), str(path), extra_items=False)
@@ -155,8 +155,7 @@ def load_parquet(path: str | os.PathLike) -> Interactions:
         raise DataFormatError(path, f"expected an integer column, got {schema['timestamp']}", field="timestamp")
     if "title" in schema and schema["title"] != pl.String:
         raise DataFormatError(path, f"expected a string column, got {schema['title']}", field="title")
-    columns = ["user", "item", "timestamp"] + (["title"] if "title" in schema else [])
-    frame = pl.read_parquet(path, columns=columns).with_row_index("row")
+    frame = pl.read_parquet(path, columns=["user", "item", "timestamp"]).with_row_index("row")
     if not len(frame):
         raise DataFormatError(path, "no rows")
 
@@ -174,11 +173,14 @@ def load_parquet(path: str | os.PathLike) -> Interactions:
     checks.append((pl.col("timestamp").cast(pl.Int64, strict=False).is_null() & pl.col("timestamp").is_not_null(),
                    at_row("timestamp", lambda row: f"timestamp {row['timestamp']} outside the int64 range")))
     _raise_first(frame, checks)
-    rows = frame.select(pl.col("user", "item").cast(pl.String).str.strip_chars(), pl.col("timestamp").cast(pl.Int64),
-                        *([pl.col("title").fill_null("")] if "title" in schema else []))
+    frame = frame.with_columns(pl.col("user", "item").cast(pl.String))
+    rows = frame.select(*_keys(frame, ("user", "item")), pl.col("timestamp").cast(pl.Int64))
     del frame
     titles: list[pl.DataFrame] = []
-    rows = _first_titles(rows, titles) if "title" in schema else rows
+    if "title" in schema:  # read again for the titles alone: the rows never hold a title column
+        items = pl.scan_parquet(path).select(pl.col("item").cast(pl.String), pl.col("title").fill_null(""))
+        items = items.collect()
+        _first_titles(items.select(*_keys(items, ("item",)), "title"), titles)
     return _interactions(rows, _catalog(titles), str(path), extra_items=False)
 
 
@@ -416,6 +418,12 @@ def _timestamp_check(column: str, path: Path, json_line: bool = False) -> tuple[
         raise DataFormatError(path, f"expected an integer timestamp (digits, optionally with a zero fraction), got "
                                     f"{value!r:.80}", line=row["line"], field=column)
     return _timestamp_expr(column).is_null(), explain
+
+
+def _keys(frame: pl.DataFrame, columns: tuple[str, ...]) -> list[pl.Expr]:
+    """The key ``columns`` of ``frame`` without surrounding whitespace (stripped only where some key has it)."""
+    edges = frame.select(pl.col(c).str.contains(r"^\s|\s$").any() for c in columns).row(0)
+    return [pl.col(c).str.strip_chars() if edge else pl.col(c) for c, edge in zip(columns, edges)]
 
 
 def _first_titles(rows: pl.DataFrame, titles: list[pl.DataFrame]) -> pl.DataFrame:

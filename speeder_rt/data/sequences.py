@@ -15,6 +15,7 @@ costs O(interactions) memory; a history window ``[S, W]`` is gathered only for t
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Annotated, Literal
@@ -109,6 +110,11 @@ class SequenceData:
         """Per kept user, the sorted distinct items (views of ``seen``)."""
         return np.split(self.seen, self.seen_offsets[1:-1])
 
+    @cached_property
+    def key_crc32(self) -> np.ndarray:
+        """uint32 [U]: crc32 of each user key (UTF-8), a word of the user's candidate generators' seed."""
+        return np.fromiter(map(zlib.crc32, map(str.encode, self.user_keys)), dtype=np.uint32, count=len(self.user_keys))
+
     def split(self, name: str) -> Samples:
         if name not in _SPLIT_CODES:
             raise ValueError(f"unknown split {name!r}; expected one of {list(_SPLIT_CODES)}")
@@ -171,7 +177,7 @@ def draw_candidates(data: "SequenceData", samples: Samples, split: str, seed: in
 
     owner = np.repeat(np.arange(len(data.user_keys), dtype=np.int64), np.diff(data.seen_offsets))
     seen_key = owner * np.int64(n) + data.seen
-    words = candidates.seed_words(seed, _SPLIT_CODES[split], data.user_keys)
+    words = candidates.seed_words(seed, _SPLIT_CODES[split], data.key_crc32)
     samples.candidates, samples.label = candidates.draw(np.asarray(samples.users), target, words, seen_key, n, k,
                                                         scalar_rows)
 
@@ -230,9 +236,13 @@ def build_sequences(inter: Interactions, cfg: SplitConfig = SplitConfig()) -> Se
     cap = cfg.max_train_samples_per_user
     first = np.full(len(lengths), 1) if cap is None else np.maximum(1, lengths - 2 - cap)
     count = lengths - 2 - first
-    train_user = np.repeat(np.arange(len(lengths)), count)
-    within = np.arange(len(train_user)) - np.repeat(np.cumsum(count) - count, count)
-    train_t = first[train_user] + within
+    # sample i of user u (its rows numbered from row0[u]) targets position offsets[u] + first[u] + i - row0[u]
+    row0 = np.cumsum(count) - count
+    train_end = np.repeat(offsets[:-1] + first - row0, count)
+    train_end += np.arange(len(train_end))
+    train_len = train_end - np.repeat(offsets[:-1], count)  # t, then its window length min(t, w)
+    np.minimum(train_len, w, out=train_len)
+    train = Samples(np.repeat(np.arange(len(lengths), dtype=np.int64), count), train_end, train_len, flat, w)
 
     def samples(user: np.ndarray, t: np.ndarray) -> Samples:
         return Samples(user.astype(np.int64), (offsets[user] + t).astype(np.int64),
@@ -247,7 +257,7 @@ def build_sequences(inter: Interactions, cfg: SplitConfig = SplitConfig()) -> Se
         offsets=offsets,
         seen=seen,
         seen_offsets=seen_offsets,
-        train=samples(train_user, train_t),
+        train=train,
         valid=samples(every, lengths - 2),
         test=samples(every, lengths - 1),
         config=cfg,

@@ -90,12 +90,12 @@ def load_amazon_reviews(reviews_path: str | os.PathLike, meta_path: str | os.Pat
     schema = {"user_id": pl.String, "parent_asin": pl.String, "timestamp": pl.String}
     parts = []
     for lines, _ in _line_blocks(reviews_path, "utf-8", progress):
-        frame = _json_frame(lines, schema, reviews_path)
+        frame = _with_timestamps(_json_frame(lines, schema, reviews_path), "timestamp")
         _raise_first(frame, [_json_key_check(c, reviews_path) for c in ("user_id", "parent_asin")]
                      + [_timestamp_check("timestamp", reviews_path, json_line=True)])
         parts.append(frame.select(pl.col("user_id").str.strip_chars().alias("user"),
                                   pl.col("parent_asin").str.strip_chars().alias("item"),
-                                  _timestamp_expr("timestamp").alias("timestamp")))
+                                  pl.col("ts").alias("timestamp")))
     rows = _nonempty(parts, reviews_path)
     catalog = None
     source = str(reviews_path)
@@ -127,10 +127,10 @@ def load_csv(path: str | os.PathLike, progress: bool = False) -> Interactions:
     for names, header_line, lines, _ in _headed_blocks(path, "utf-8-sig", progress, header, ("user", "item", "timestamp")):
         frame = _csv_frame(lines, names, path)
         pick = ["user", "item", "timestamp"] + (["title"] if "title" in names else [])
-        frame = frame.rename({f"field_{names.index(c)}": c for c in pick})
+        frame = _with_timestamps(frame.rename({f"field_{names.index(c)}": c for c in pick}), "timestamp")
         _raise_first(frame, [_csv_structure_check(path, names)] + [_key_check(c, path) for c in ("user", "item")]
                      + [_timestamp_check("timestamp", path)])
-        rows = frame.select(*_keys(frame, ("user", "item")), _timestamp_expr("timestamp"),
+        rows = frame.select(*_keys(frame, ("user", "item")), pl.col("ts").alias("timestamp"),
                             *([pl.col("title")] if "title" in names else []))
         parts.append(_first_titles(rows, titles) if "title" in names else rows)
     return _interactions(_body(parts, path, header_line), _catalog(titles), str(path), extra_items=False)
@@ -190,11 +190,11 @@ def _load_grouplens(root: Path, progress: bool) -> Interactions:
     for lines, unended in _line_blocks(data, "utf-8", progress):
         # whitespace-separated: the runs of whitespace become one tab each
         tabbed = lines.with_columns(pl.col("text").str.strip_chars().str.replace_all(r"\s+", "\t"))
-        frame = _split_frame(tabbed, "\t", len(_UDATA_FIELDS), unended).rename(
-            {f"field_{i}": n for i, n in enumerate(_UDATA_FIELDS)})
+        frame = _with_timestamps(_split_frame(tabbed, "\t", len(_UDATA_FIELDS), unended).rename(
+            {f"field_{i}": n for i, n in enumerate(_UDATA_FIELDS)}), "timestamp")
         _raise_first(frame, [_structure_check(data, _UDATA_FIELDS, "whitespace-separated", str.split, unended)]
                      + [_key_check(c, data) for c in ("user", "item")] + [_timestamp_check("timestamp", data)])
-        parts.append(frame.select(pl.col("user", "item").str.strip_chars(), _timestamp_expr("timestamp")))
+        parts.append(frame.select(pl.col("user", "item").str.strip_chars(), pl.col("ts").alias("timestamp")))
     rows = _nonempty(parts, data)
     catalog = None
     item_file = root / "u.item"
@@ -214,15 +214,15 @@ def _load_grouplens(root: Path, progress: bool) -> Interactions:
 
 def _load_recbole(inter: Path, progress: bool) -> Interactions:
     required = ("user_id", "item_id", "timestamp")
-    rows = _atomic_rows(inter, required, (), progress, lambda frame: (
-        [_key_check(c, inter) for c in ("user_id", "item_id")] + [_timestamp_check("timestamp", inter)]))
+    rows = _atomic_rows(inter, required, (), progress, [_key_check(c, inter) for c in ("user_id", "item_id")]
+                        + [_timestamp_check("timestamp", inter)], timestamp="timestamp")
     rows = rows.select(pl.col("user_id").str.strip_chars().alias("user"),
-                       pl.col("item_id").str.strip_chars().alias("item"), _timestamp_expr("timestamp"))
+                       pl.col("item_id").str.strip_chars().alias("item"), pl.col("ts").alias("timestamp"))
     catalog = None
     item_file = inter.with_suffix(".item")
     if item_file.is_file():
         items = _atomic_rows(item_file, ("item_id", "movie_title"), ("release_year",), progress,
-                             lambda frame: [_key_check("item_id", item_file)])
+                             [_key_check("item_id", item_file)])
         # GroupLens titles carry the year ("Toy Story (1995)"); RecBole keeps it apart (and "unkonwn" for none).
         year = pl.col("release_year").str.strip_chars()
         title = pl.col("movie_title").str.strip_chars()
@@ -235,17 +235,20 @@ def _load_recbole(inter: Path, progress: bool) -> Interactions:
 
 
 def _atomic_rows(path: Path, required: tuple[str, ...], optional: tuple[str, ...], progress: bool,
-                 checks: Callable[[pl.DataFrame], list]) -> pl.DataFrame:
+                 checks: list[tuple[pl.Expr, Callable[[dict[str, Any]], None]]], timestamp: str | None = None
+                 ) -> pl.DataFrame:
     """The named columns of a RecBole atomic file (tab-separated, header ``name:type``), "" where an optional one
-    is absent; ``checks(frame)``: the value checks after the structural one."""
+    is absent; ``checks``: the value checks after the structural one; ``timestamp``: a column parsed into ``ts``."""
     parts = []
     header = lambda text, line: [h.split(":", 1)[0].strip() for h in text.split("\t")]  # noqa: E731
     for names, header_line, lines, unended in _headed_blocks(path, "utf-8", progress, header, required):
         frame = _split_frame(lines, "\t", len(names), unended).rename(
             {f"field_{i}": n for i, n in enumerate(names)})
+        frame = _with_timestamps(frame, timestamp) if timestamp else frame
         _raise_first(frame, [_structure_check(path, names, "tab-separated", lambda t: t.split("\t"), unended)]
-                     + checks(frame))
-        parts.append(frame.select(*required, *[pl.col(c) if c in names else pl.lit("").alias(c) for c in optional]))
+                     + checks)
+        parts.append(frame.select(*required, *[pl.col(c) if c in names else pl.lit("").alias(c) for c in optional],
+                                  *(["ts"] if timestamp else [])))
     return _body(parts, path, header_line)
 
 
@@ -409,7 +412,17 @@ def _timestamp_expr(column: str) -> pl.Expr:
         text.str.extract(r"^([+-]?\d+)").cast(pl.Int64, strict=False)).alias(column)
 
 
+def _with_timestamps(frame: pl.DataFrame, column: str) -> pl.DataFrame:
+    """``frame`` with ``ts``: its text ``column`` as Int64 (null where not an integer timestamp). Plain integers
+    take one cast; only a column with other values (a fraction, whitespace, an error) goes through the full rule."""
+    parsed = frame.get_column(column).cast(pl.Int64, strict=False)
+    if parsed.null_count():
+        parsed = frame.select(_timestamp_expr(column)).to_series()
+    return frame.with_columns(parsed.alias("ts"))
+
+
 def _timestamp_check(column: str, path: Path, json_line: bool = False) -> tuple[pl.Expr, Callable[[dict[str, Any]], None]]:
+    """A timestamp, parsed by ``_with_timestamps`` into ``ts``."""
     def explain(row: dict[str, Any]) -> None:
         value = row[column]
         if json_line:
@@ -417,7 +430,7 @@ def _timestamp_check(column: str, path: Path, json_line: bool = False) -> tuple[
         _timestamp(value, path, row["line"], column)
         raise DataFormatError(path, f"expected an integer timestamp (digits, optionally with a zero fraction), got "
                                     f"{value!r:.80}", line=row["line"], field=column)
-    return _timestamp_expr(column).is_null(), explain
+    return pl.col("ts").is_null(), explain
 
 
 def _keys(frame: pl.DataFrame, columns: tuple[str, ...]) -> list[pl.Expr]:
@@ -453,22 +466,20 @@ def _interactions(rows: pl.DataFrame, catalog: pl.DataFrame | None, source: str,
     """Interactions of ``rows`` (user, item, timestamp), dense ids in order of first appearance; ``catalog``
     (item, title, description) gives titles, and with ``extra_items`` adds its items no row names (after the
     others, in its order)."""
-    user_keys = rows.get_column("user").unique(maintain_order=True)
-    item_keys = rows.get_column("item").unique(maintain_order=True)
+    user_keys, item_keys = pl.collect_all([rows.lazy().select(pl.col(c).unique(maintain_order=True))
+                                           for c in ("user", "item")])  # the two on separate threads
+    user_keys, item_keys = user_keys.to_series(), item_keys.to_series()
     if catalog is not None and extra_items:
         extra = catalog.get_column("item").filter(~catalog.get_column("item").is_in(item_keys.implode()))
         item_keys = pl.concat([item_keys, extra])
-
-    def dense(column: str, keys: pl.Series) -> Any:
-        return rows.get_column(column).replace_strict(keys, pl.int_range(len(keys), eager=True),
-                                                      return_dtype=pl.Int64).to_numpy()
-
+    ids = rows.select(pl.col(c).replace_strict(keys, pl.int_range(len(keys), eager=True), return_dtype=pl.Int64)
+                      for c, keys in (("user", user_keys), ("item", item_keys)))
     titles = descriptions = None
     if catalog is not None:
         named = pl.DataFrame({"item": item_keys}).join(catalog, on="item", how="left", maintain_order="left")
         titles = named.get_column("title").fill_null("").to_list()
         descriptions = named.get_column("description").fill_null("").to_list()
-    return Interactions(users=dense("user", user_keys), items=dense("item", item_keys),
+    return Interactions(users=ids.get_column("user").to_numpy(), items=ids.get_column("item").to_numpy(),
                         timestamps=rows.get_column("timestamp").to_numpy(), user_keys=user_keys.to_list(),
                         item_keys=item_keys.to_list(), titles=titles or [], descriptions=descriptions or [],
                         source=source)

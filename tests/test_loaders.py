@@ -536,7 +536,7 @@ def test_parquet_file_errors(tmp_path):
                                        ("[1]", False)])
 def test_amazon_keys_are_strings_or_integers(tmp_path, value, ok):
     """Polars decodes a bool or a float into text: the loader refuses them as the scalar rules do."""
-    line = '{"user_id": %s, "parent_asin": "P", "timestamp": 1}' % value
+    line = f'{{"user_id": {value}, "parent_asin": "P", "timestamp": 1}}'
     path = bad_reviews(tmp_path, [GOOD, line])
     if ok:
         assert load_amazon_reviews(path).user_keys[-1] == json.loads(value).__str__()

@@ -43,6 +43,7 @@ setup(
         "safetensors>=0.4",
         "pyyaml>=6",
         "tqdm>=4.60",
+        "polars==2.1.0",  # the columnar data path (speeder_rt.data.loaders); pinned: its string and JSON semantics are checked
         "transformers>=4.56",
         "peft>=0.13",
     ],

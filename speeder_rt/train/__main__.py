@@ -61,7 +61,7 @@ def _train(args: argparse.Namespace, cfg: RunConfig, world: World) -> int:
     try:
         if args.resume:  # the checkpoint's own item table: no feature is rebuilt
             resume = check_model_dir(args.resume)
-            _, _, data = load_sequences(cfg)
+            _, data = load_sequences(cfg)
             table = ItemTable.load(resume / ITEMS)
             check_table_fits(data, table, resume)
         else:
@@ -94,7 +94,7 @@ def _prepare(cfg: RunConfig, world: World) -> tuple[SequenceData, ItemTable]:
     barrier(world)
     if world.is_main:
         return prepared
-    _, _, data = load_sequences(cfg)
+    _, data = load_sequences(cfg)
     return data, ItemTable.load(item_cache(cfg))
 
 

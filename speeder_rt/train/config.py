@@ -21,6 +21,7 @@ import yaml
 
 from speeder_rt.baselines.sasrec import SASRecConfig
 from speeder_rt.data.sequences import SplitConfig
+from speeder_rt.data.sources import parse_source
 from speeder_rt.data.synthetic import SyntheticConfig
 from speeder_rt.model.mpo import MPODefaults, MPOStage, validate_schedule
 from speeder_rt.model.speeder import SpeederConfig
@@ -35,26 +36,17 @@ from speeder_rt.utils.schema import (
     invalid,
 )
 
-SOURCES = "synthetic, movielens[:DIR], csv:FILE, amazon:REVIEWS[,META]"
-
-
-def parse_source(source: str) -> tuple[str, str]:
-    """``data.source`` -> (kind, argument): ``csv:x.csv`` -> ``("csv", "x.csv")``."""
-    kind, _, arg = source.partition(":")
-    if (kind == "synthetic" and not arg) or kind == "movielens" or (kind in ("csv", "amazon") and arg):
-        return kind, arg
-    raise ValueError(f"{source!r} is not one of {SOURCES}")
-
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic, movielens[:DIR], csv:FILE or amazon:REVIEWS[,META] (SOURCES)
+    source: str = "synthetic"  # see speeder_rt.data.sources.SOURCES
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     split: SplitConfig = field(default_factory=lambda: SplitConfig(short_users="drop"))  # seed: the run's (file)
     text_features: Literal["auto", "minilm", "none"] = "auto"  # auto: synthetic: generated; else MiniLM
     image_features: str | None = None  # a .safetensors/.npz/.npy file keyed by item
     collab_features: bool = True  # SASRec item embeddings trained on the training split
     sasrec: SASRecConfig = field(default_factory=lambda: SASRecConfig(epochs=20))  # seed: the run's (file)
+    prepared: str | None = None  # a split written by `python -m speeder_rt.data prepare` ("{seed}": the split's seed)
 
     def __post_init__(self) -> None:
         check(self)
@@ -62,6 +54,13 @@ class DataConfig:
             parse_source(self.source)
         except ValueError as e:
             raise invalid(self, "source", str(e)) from None
+
+    def identity(self) -> dict[str, Any]:
+        """What the data is (a cache or result key): the section less ``prepared``, which only says where a
+        copy of the split is read from (its recipe is checked against the rest)."""
+        out = dataclasses.asdict(self)
+        out.pop("prepared")
+        return out
 
     def feature_modalities(self) -> list[str]:
         """The modalities this section gives items features for (built by ``train.data.item_table``)."""

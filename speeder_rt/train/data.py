@@ -1,48 +1,35 @@
 """Prepare a run's data: interactions -> sequences and the ItemTable with every requested modality.
 
-The table is cached in ``<out_dir>/items`` (atomically written); a later run or the eval CLI reuses it.
+The split is built from ``data.source``, or read from ``data.prepared`` (written once by ``python -m
+speeder_rt.data prepare``; memory-mapped, so torchrun ranks share its pages). The table is cached in
+``<out_dir>/items`` (atomically written); a later run or the eval CLI reuses it.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
-from speeder_rt.data import ItemTable, SequenceData, SyntheticConfig, build_sequences, generate_synthetic
-from speeder_rt.data.interactions import Interactions
-from speeder_rt.train.config import RunConfig, parse_source
-
-
-def load_interactions(source: str, synthetic: SyntheticConfig | None = None
-                      ) -> tuple[Interactions, ItemTable | None]:
-    """(interactions, a table with generated features for synthetic data or None) of a ``data.source``."""
-    kind, arg = parse_source(source)
-    if kind == "synthetic":
-        return generate_synthetic(synthetic)
-    from speeder_rt.data import loaders
-
-    if kind == "movielens":
-        if not arg:
-            from speeder_rt.data.assets import movielens_100k
-
-            arg = str(movielens_100k())
-        return loaders.load_movielens(arg), None
-    if kind == "csv":
-        return loaders.load_csv(arg), None
-    reviews, _, meta = arg.partition(",")
-    return loaders.load_amazon_reviews(reviews, meta or None), None
+from speeder_rt.data import ItemTable, SequenceData, build_sequences, generate_synthetic
+from speeder_rt.data.prepared import load_split, split_recipe
+from speeder_rt.data.sources import load_source
+from speeder_rt.train.config import RunConfig
 
 
 def prepare(cfg: RunConfig, log=print) -> tuple[SequenceData, ItemTable]:
     """Sequences and the ItemTable with every modality the model asks for."""
-    inter, table, data = load_sequences(cfg)
-    return data, item_table(cfg, inter, data, table, log=log)
+    table, data = load_sequences(cfg)
+    return data, item_table(cfg, data, table, log=log)
 
 
-def load_sequences(cfg: RunConfig) -> tuple[Interactions, ItemTable | None, SequenceData]:
-    """(interactions, the synthetic source's table or None, sequences split by the run's protocol)."""
-    inter, table = load_interactions(cfg.data.source, cfg.data.synthetic)
-    return inter, table, build_sequences(inter, cfg.data.split)
+def load_sequences(cfg: RunConfig) -> tuple[ItemTable | None, SequenceData]:
+    """(the synthetic source's table or None, sequences split by the run's protocol): read from ``data.prepared``
+    when it is set (refused if prepared from another recipe), else built from the source."""
+    if cfg.data.prepared:
+        table = generate_synthetic(cfg.data.synthetic)[1] if cfg.data.source == "synthetic" else None
+        where = cfg.data.prepared.replace("{seed}", str(cfg.data.split.seed))
+        return table, load_split(where, split_recipe(cfg.data.source, cfg.data.split, cfg.data.synthetic))
+    inter, table = load_source(cfg.data.source, cfg.data.synthetic, progress=cfg.train.progress)
+    return table, build_sequences(inter, cfg.data.split)
 
 
 def item_cache(cfg: RunConfig) -> Path:
@@ -50,17 +37,17 @@ def item_cache(cfg: RunConfig) -> Path:
     return Path(cfg.out_dir) / "items"
 
 
-def item_table(cfg: RunConfig, inter: Interactions, data: SequenceData, table: ItemTable | None = None,
-               sasrec=None, log=print) -> ItemTable:
+def item_table(cfg: RunConfig, data: SequenceData, table: ItemTable | None = None, sasrec=None, log=print
+               ) -> ItemTable:
     """The run's ItemTable (cached in ``item_cache(cfg)``); ``sasrec``: a trained SASRec for collab features."""
     cache = item_cache(cfg)
-    recipe = {"data": dataclasses.asdict(cfg.data), "seed": cfg.seed}
+    recipe = {"data": cfg.data.identity(), "seed": cfg.seed}
     if (cache / "items.json").is_file():
         cached = ItemTable.load(cache)
         if cached.meta.get("recipe") == recipe and set(cfg.model.modalities) <= set(cached.modalities):
             return cached
     if table is None:
-        table = ItemTable(inter.item_keys, titles=inter.titles, descriptions=inter.descriptions)
+        table = ItemTable(data.item_keys, titles=data.titles, descriptions=data.descriptions)
     wants = set(cfg.model.modalities)
     text_source = cfg.data.text_features
     if "text" in wants and (text_source == "minilm" or (text_source == "auto" and "text" not in table.modalities)):

@@ -167,8 +167,8 @@ class TextBaselineKind(ModelKind):
 
     def loss_terms(self, model: nn.Module, samples: Samples, batch: np.ndarray) -> np.ndarray:
         """The target's tokens (the loss is a mean over tokens)."""
-        prompts = model.build_prompts(samples.history[batch], samples.history_len[batch], samples.candidates[batch],
-                                      samples.target[batch])
+        part = samples.subset(batch)  # the history windows of ``batch`` only
+        prompts = model.build_prompts(part.history, part.history_len, part.candidates, part.target)
         return (prompts.labels != IGNORE).sum(1).numpy()
 
     def validate(self, model: nn.Module, data: SequenceData, cfg: RunConfig, world: World) -> dict[str, float]:

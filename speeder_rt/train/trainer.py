@@ -95,8 +95,9 @@ def recorded_config(cfg: RunConfig) -> dict[str, Any]:
     if sep and arg:
         reviews, comma, meta = arg.partition(",") if kind == "amazon" else (arg, "", "")
         data["source"] = f"{kind}:{absolute(reviews)}" + (f",{absolute(meta)}" if comma and meta else "")
-    if data.get("image_features"):
-        data["image_features"] = absolute(data["image_features"])
+    for path in ("image_features", "prepared"):
+        if data.get(path):
+            data[path] = absolute(data[path])
     backbone = raw["model"]["backbone"]
     if backbone.get("pretrained"):
         backbone["pretrained"] = absolute(backbone["pretrained"])
@@ -324,9 +325,10 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------------
     def _loss(self, samples, idx: np.ndarray) -> torch.Tensor:
-        to = lambda a: torch.from_numpy(a[idx]).to(self.device)  # noqa: E731
-        label = self.model_kind.labels(samples)
-        return self.parallel.loss(to(samples.history), to(samples.history_len), to(samples.candidates), to(label))
+        batch = samples.subset(idx)  # the batch's history windows are gathered here, never the whole split's
+        to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        label = self.model_kind.labels(batch)
+        return self.parallel.loss(to(batch.history), to(batch.history_len), to(batch.candidates), to(label))
 
     def _loss_terms(self, samples, batch: np.ndarray) -> np.ndarray:
         """Per sample of ``batch``, the terms its loss averages over (the kind's ``loss_terms``)."""
@@ -478,6 +480,6 @@ def load_trained(path: str | Path, kind: str | None = None):
 
     cfg = run_config_from_dict(config["run_config"], f"{Path(path) / 'config.json'}: run_config")
     model = model_kind.load(path)
-    _, _, data = load_sequences(cfg)
+    _, data = load_sequences(cfg)
     check_table_fits(data, model.item_table, path)
     return model, cfg, data, model.item_table, model_kind.name

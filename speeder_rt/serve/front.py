@@ -6,8 +6,9 @@ For every request the front
 * reads at most ``max_body_bytes`` (413 past it) and checks infer bodies (``limits.check_infer_body``: 400 with a
   message for malformed JSON, shapes that do not match their data or the export's ranges, ids that are not
   int64, masks that are not true / false, an empty batch), so no request reaches tritonserver that could crash it;
-* answers 503 with the cause for a model that ``Health`` has down (and for the readiness endpoints: the server
-  is ready only when every model is), and turns tritonserver's errors for a dead stub into that 503;
+* answers 503 with the cause for a model that ``Health`` has down (its requests already at tritonserver too:
+  ``model_down``), and turns tritonserver's errors for a dead stub into that 503; it answers the readiness endpoints itself from ``Health`` (the server is ready when every model
+  is), as tritonserver 2.51's block while any model loads (17 s during a reload, measured);
 * while draining (SIGTERM / SIGINT) answers new requests 503 and counts the ones in flight (``drained``);
 * forwards everything else unchanged (KServe v2 JSON or binary tensors, health, metadata, statistics).
 """
@@ -21,7 +22,7 @@ from collections.abc import Callable
 import aiohttp
 from aiohttp import web
 
-from speeder_rt.serve.health import Health
+from speeder_rt.serve.health import Health, triton_error
 from speeder_rt.serve.limits import Refused, ServedModel, check_infer_body
 
 INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/infer")
@@ -42,16 +43,6 @@ def error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
-def _error_message(body: bytes) -> str:
-    """The message of tritonserver's ``{"error": ...}`` body (the body itself when it is not one)."""
-    text = body.decode(errors="replace")
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        return text
-    return str(parsed.get("error", text)) if isinstance(parsed, dict) else text
-
-
 class Front:
     def __init__(self, upstream: str, models: dict[str, ServedModel], health: Health, max_body_bytes: int,
                  log: Callable[[str], None]) -> None:
@@ -64,6 +55,7 @@ class Front:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._forwarding: dict[str, set[asyncio.Future]] = {name: set() for name in models}
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -75,6 +67,12 @@ class Front:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port, reuse_address=True, backlog=1024).start()
+
+    def model_down(self, name: str) -> None:
+        """``Health``'s call when ``name`` goes down: its requests at tritonserver are answered 503 now (a request
+        that was executing in a killed stub never returns in tritonserver 2.51)."""
+        for forward in list(self._forwarding[name]):
+            forward.cancel()
 
     def drain(self) -> None:
         """Refuse new requests from now on (503); the ones in flight go on."""
@@ -97,9 +95,11 @@ class Front:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         ready = MODEL_READY.fullmatch(path)
-        if ready or path == SERVER_READY:
+        if ready or path == SERVER_READY:  # answered here: tritonserver's blocks while any model loads
+            if ready and ready[1] not in self.models:
+                return error(404, f"unknown model {json.dumps(ready[1])}; served: {', '.join(self.models)}")
             reason = DRAINING if self.draining else self.health.unavailable(ready[1] if ready else None)
-            return error(503, reason) if reason else await self._forward(request, b"")
+            return error(503, reason) if reason else web.Response(status=200)
         if self.draining:
             return error(503, DRAINING)
         self.in_flight += 1
@@ -133,9 +133,18 @@ class Front:
         reason = self.health.unavailable(name)
         if reason:
             return error(503, reason)
-        response = await self._forward(request, body)
+        forward = asyncio.ensure_future(self._forward(request, body))
+        self._forwarding[name].add(forward)
+        try:
+            response = await forward
+        except asyncio.CancelledError:
+            if not forward.cancelled():  # this handler was cancelled (the client went away), not the forward
+                raise
+            return error(503, self.health.unavailable(name) or "the model went down while answering")
+        finally:
+            self._forwarding[name].discard(forward)
         if response.status >= 400 and isinstance(response, web.Response) and response.body is not None:
-            message = _error_message(bytes(response.body))
+            message = triton_error(bytes(response.body))
             if any(text in message for text in DOWN_ERRORS):
                 self.health.report(name, f"tritonserver answered: {message}")
                 return error(503, self.health.unavailable(name) or message)

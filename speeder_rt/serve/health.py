@@ -14,6 +14,7 @@ stubs. A recovery that fails (the load is refused: an engine that cannot load) o
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import Callable
@@ -65,9 +66,9 @@ def stub_model(pid: int) -> str | None:
     return Path(args[1].decode()).parent.parent.name if len(args) > 1 else None
 
 
-def tritonserver_pid() -> int | None:
-    """The tritonserver this process launched (through PyTriton)."""
-    return next((pid for pid in child_processes(os.getpid()) if command_name(pid) == "tritonserver"), None)
+def tritonserver_pid(parent: int | None = None) -> int | None:
+    """The tritonserver that ``parent`` (default: this process) launched through PyTriton."""
+    return next((pid for pid in child_processes(parent or os.getpid()) if command_name(pid) == "tritonserver"), None)
 
 
 def stubs_by_model(server_pid: int) -> dict[str, list[int]]:
@@ -79,9 +80,18 @@ def stubs_by_model(server_pid: int) -> dict[str, list[int]]:
     return stubs
 
 
-def _one_line(text: str, limit: int = 400) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+def triton_error(body: bytes) -> str:
+    """The message of tritonserver's ``{"error": ...}`` body on one line, without the Python backend's traceback
+    (after ``At:``), at most 400 characters (the body itself when it is not such JSON)."""
+    text = body.decode(errors="replace")
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and "error" in parsed:
+        text = str(parsed["error"])
+    line = " ".join(text.split("\n\nAt:\n")[0].split())
+    return line if len(line) <= 400 else line[:397] + "..."
 
 
 class Health:
@@ -96,6 +106,7 @@ class Health:
         self.down: dict[str, str] = {}  # model -> why it cannot answer now
         self.failed: str | None = None  # set when a model could not be recovered: serve exits 1
         self.failed_event = asyncio.Event()
+        self.on_down: list[Callable[[str], None]] = []  # called with the model's name when it goes down
         self._stopping = False
         self._control_url = control_url
         self._headers = {ACCESS_HEADER: access_token}
@@ -120,6 +131,8 @@ class Health:
             self._failures[model] = 0
         self.down[model] = f"recovering: {cause}; retry in a few seconds"
         self.log(f"speeder_rt.serve: model {model} is down ({cause}); not ready until it is reloaded")
+        for listener in self.on_down:
+            listener(model)
         task = asyncio.create_task(self._recover(model, cause))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -135,18 +148,15 @@ class Health:
             await asyncio.sleep(POLL_S)
 
     async def unload_all(self, timeout_s: float) -> bool:
-        """Unload every model through the model-control API (their stubs finish) and wait, at most ``timeout_s``,
-        until none is left: tritonserver then stops at once instead of timing out on live models."""
+        """Unload every model through the model-control API and wait, at most ``timeout_s``, until their stubs have
+        exited: tritonserver then stops at once instead of timing out on live models."""
         self._stopping = True  # no recovery from here on
         deadline = time.monotonic() + timeout_s
         try:
             for name in self.models:
                 await self._control("unload", name)
-            while time.monotonic() < deadline:
-                async with self._session.post(f"{self._control_url}/v2/repository/index",
-                                              headers=self._headers) as response:
-                    index = await response.json()
-                if not any(entry.get("state") in ("READY", "LOADING", "UNLOADING") for entry in index):
+            while time.monotonic() < deadline:  # the repository index says UNAVAILABLE before the stubs are done
+                if not stubs_by_model(self.server_pid):
                     return True
                 await asyncio.sleep(POLL_S)
         except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError):
@@ -164,7 +174,7 @@ class Health:
         url = f"{self._control_url}/v2/repository/models/{model}/{action}"
         async with self._session.post(url, headers=self._headers) as response:
             if response.status != 200:
-                raise RuntimeError(_one_line((await response.text()) or f"HTTP {response.status}"))
+                raise RuntimeError(triton_error(await response.read()) or f"HTTP {response.status}")
 
     async def _serving(self, model: str) -> None:
         """Wait (bounded) until Triton calls ``model`` ready and all its stubs run."""
@@ -187,7 +197,7 @@ class Health:
                 await self._control("load", model)
                 await self._serving(model)
             except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError) as e:
-                last = _one_line(str(e) or type(e).__name__)
+                last = str(e) or type(e).__name__
                 self._failures[model] += 1
                 self.log(f"speeder_rt.serve: recovery {attempt}/{self.max_recoveries} of model {model} failed: {last}")
                 continue

@@ -4,9 +4,12 @@ tritonserver 2.51's HTTP endpoint allocates a JSON input from its declared ``sha
 with the data (``"shape": [1, 99999999999]`` with 3 values: ``std::bad_alloc``, abort) and dies with SIGSEGV on
 bodies of ~5 MB or more; Triton added ``--http-max-input-size`` (server PR 8174), a JSON size check (PR 8432) and
 the shape check before allocation (PR 8676) only in later releases. So ``speeder_rt.serve`` puts a small front on
-the public HTTP port (``front``) that reads at most ``max_body_bytes`` and checks each infer body here, against
-the served models' inputs and the export's ranges, before anything of that size is allocated; whatever passes is
-a request tritonserver handles (it still checks the values' ranges through the runtime: ``batch``).
+the public HTTP port (``front``) that reads at most ``max_body_bytes`` (by default a JSON request of the export's
+largest batch at its widest, ``ServedModel.default_max_body_bytes``) and checks each infer body here before it is
+forwarded: JSON syntax, the served model's inputs and datatypes, 1..max_batch rows, element counts equal to the
+data given (so no declared shape allocates more than the bounded body holds), int64 ids, true / false masks.
+Whatever passes is a request tritonserver handles; the runtime still checks the values (ids in the catalog,
+history lengths, candidate counts) with its own messages (``batch``).
 
 A refusal is a ``Refused`` with the HTTP status and a message naming the input, the field and the value.
 """
@@ -74,7 +77,9 @@ def served_models(repository: Path) -> dict[str, ServedModel]:
 
 
 def _shape(spec: InputSpec, shape: object, max_batch: int) -> tuple[int, int]:
-    """(rows, width) of a declared shape, or Refused when it is not two sizes within the export's ranges."""
+    """(rows, width) of a declared shape, or Refused when it is not two sizes with 1..max_batch rows. The width is
+    bounded by the data that must match it (``_inputs``), and the data by the body size; a width past the export's
+    range is the runtime's to refuse (its message names the row)."""
     where = f"input {spec.name}: shape"
     if not isinstance(shape, list) or len(shape) != 2 or not all(type(d) is int for d in shape):
         raise Refused(400, f"{where} must be [rows, width] (two integers), got {json.dumps(shape)}")
@@ -83,9 +88,8 @@ def _shape(spec: InputSpec, shape: object, max_batch: int) -> tuple[int, int]:
         raise Refused(400, f"input {spec.name}: empty batch (shape {shape}: at least one row is needed)")
     if not 1 <= rows <= max_batch:
         raise Refused(400, f"{where} {shape}: {rows} rows, outside 1..max_batch={max_batch}")
-    if not 0 <= width <= spec.max_width:
-        raise Refused(400, f"{where} {shape}: width {width}, outside 0..{spec.max_width} (the export's "
-                           f"{WIDTH_RANGES[spec.name]})")
+    if width < 0:
+        raise Refused(400, f"{where} {shape}: a negative width")
     return rows, width
 
 

@@ -169,7 +169,7 @@ async def pending_requests(metrics_url: str) -> float:
                 text = await response.text()
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return 0.0
-    return sum(float(v) for v in re.findall(r"^nv_inference_pending_request_count\{[^}]*\} (\S+)$", text, re.M))
+    return sum(float(v) for v in re.findall(r"^nv_inference_pending_request_count\{[^}]*\} (\S+)$", text, re.MULTILINE))
 
 
 async def _wait_first(*awaitables: Awaitable[object]) -> None:
@@ -220,6 +220,7 @@ async def run(repository: Path, endpoints: Endpoints, resilience: Resilience, lo
         upstream = f"http://127.0.0.1:{private_http}"
         health = Health(models, upstream, triton.get_access_token(), server_pid, resilience.max_recoveries, log)
         front = Front(upstream, models, health, max_body, log)
+        health.on_down.append(front.model_down)
         await front.start(endpoints.host, endpoints.http_port)
         log("speeder_rt.serve: ready; models " + ", ".join(models) + "; "
             + ", ".join(f"{name} {url}" for name, url in endpoints.urls().items())

@@ -28,6 +28,7 @@ from speeder_rt.serve.limits import Refused, ServedModel, check_infer_body
 INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/infer")
 MODEL_READY = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/ready")
 SERVER_READY = "/v2/health/ready"
+SERVER_LIVE = "/v2/health/live"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 REQUEST_HEADERS = ("Content-Type", HEADER_LENGTH, "Content-Encoding", "Accept-Encoding", "triton-access-token")
 RESPONSE_HEADERS = ("Content-Type", HEADER_LENGTH, "Content-Encoding")
@@ -100,7 +101,7 @@ class Front:
                 return error(404, f"unknown model {json.dumps(ready[1])}; served: {', '.join(self.models)}")
             reason = DRAINING if self.draining else self.health.unavailable(ready[1] if ready else None)
             return error(503, reason) if reason else web.Response(status=200)
-        if self.draining:
+        if self.draining and path != SERVER_LIVE:  # alive while draining: a liveness probe must not kill it
             return error(503, DRAINING)
         self.in_flight += 1
         self._idle.clear()

@@ -1,5 +1,10 @@
 """Run Triton Inference Server (the ``tritonserver`` of the ``nvidia-pytriton`` wheel, launched by PyTriton) on a
-Python-backend model repository, and stop it cleanly.
+Python-backend model repository, keep it healthy, and stop it cleanly (``run``; docs/serving.md).
+
+tritonserver's HTTP endpoint listens on a private loopback port behind the request front (``front``: limits,
+readiness, 503s, drain accounting) that owns the public HTTP port; ``health`` watches the stub processes and
+reloads a model whose instance died through Triton's model-control API; SIGINT / SIGTERM drain the requests in
+flight (``_drain``) before the models are unloaded and tritonserver stops.
 
 Three traps of the wheel's Python backend stub are handled here, before the server starts:
 

@@ -6,6 +6,7 @@ Runs in the serve venv (.venv-serve: numpy<2, nvidia-pytriton, tritonclient), wh
 it skips. Servers bind 127.0.0.1 on free ports, every wait is bounded, and every process is stopped by PID in
 teardown (the process of the command, then anything left whose command line names the test's directory).
 """
+import gzip
 import json
 import os
 import re
@@ -377,6 +378,20 @@ def test_malformed_json_bodies_get_400_with_a_message(server, rec):
                                      "parameters": {"binary_data_size": 8}}]}).encode()
     code, message = post(server, header + b"\0" * 8, headers={"Inference-Header-Content-Length": str(len(header))})
     assert (code, message) == (400, "input history_ids: binary_data_size 8 does not match shape [1, 1000000] of INT64")
+
+
+def test_compressed_requests_are_served_and_checked_inflated(server, rec):
+    """tritonclient's gzip / deflate request bodies are served; a small gzip body that inflates past the limit (a
+    compression bomb: 50 MB of JSON in about 50 KB) gets 413 before tritonserver inflates it."""
+    module, client = clients(server)["http"]
+    ids, mask = padded(HISTORIES)
+    for algorithm in ("gzip", "deflate"):
+        got = client.infer("speeder", inputs(module, ids, mask, CANDIDATES), request_compression_algorithm=algorithm)
+        np.testing.assert_array_equal(got.as_numpy("scores"), rec.recommend(HISTORIES, CANDIDATES))
+    bomb = gzip.compress(json_request([[3, 4]], [[1]])[:-1] + b" " * (50 * 2**20) + b"}")
+    code, message = post(server, bomb, headers={"Content-Encoding": "gzip"})
+    assert code == 413 and message.endswith("(inflated from gzip)"), message
+    assert post(server, json_request([[3, 4]], [[1]]))[0] == 200
 
 
 def test_a_killed_stub_is_reloaded_and_a_model_that_cannot_be_reloaded_stops_the_server(export_dir, rec, tmp_path):

@@ -112,7 +112,7 @@ class Health:
         self._headers = {ACCESS_HEADER: access_token}
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=LOAD_TIMEOUT_S))
         self._failures = dict.fromkeys(models, 0)
-        self._recovered_at = dict.fromkeys(models, -STABLE_S)
+        self._recovered_at = dict.fromkeys(models, float("-inf"))
         self._tasks: set[asyncio.Task] = set()
 
     def unavailable(self, model: str | None = None) -> str | None:

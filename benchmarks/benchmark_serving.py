@@ -12,10 +12,22 @@ Goal on the 2-core CPU: >= 1,000 requests/s at an average server batch >= 16, wi
 when a goal is missed (the figures are printed either way).
 
 Run in the serve venv: ``.venv-serve/bin/python -m pytest benchmarks/benchmark_serving.py --benchmark-only``.
+
+Soak (``-k soak``; ``SOAK_REQUESTS``, default 200,000): 64 HTTP clients (asyncio, through the request front) send a
+mix of valid requests (histories of 1..10 items, 20 candidates) and invalid ones (1 in 10: ids past the catalog,
+not JSON, a shape that does not match its data, float ids, 1/0 masks, a declared shape of 10^11 values, and 1 in
+1,000 a body past the size limit); halfway through, the ``speeder`` stub is killed with SIGKILL. Measured: req/s,
+p99 of the valid requests, outcomes by kind, seconds from the kill until the model is ready again and the requests
+that failed meanwhile (503; a client waits 0.1 s after one), and the RSS of the ``speeder_rt.serve`` process (the
+front), tritonserver and every stub after a warm-up, just before the kill and at the end. Goal: 0 unexpected outcomes (a valid request that
+fails outside the recovery, an invalid one answered other than 4xx), RSS growth <= 5 % after warm-up, recovery
+<= 10 s; the test fails when one is missed (the figures are printed either way).
 """
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import os
 import re
 import resource
@@ -26,6 +38,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +46,7 @@ import torch
 
 pytest.importorskip("pytriton", reason="serving runs in the serve venv (.venv-serve, built by make serve / make test)")
 grpcclient = pytest.importorskip("tritonclient.grpc")
+import aiohttp  # noqa: E402
 import tritonclient.grpc.aio as grpc_aio  # noqa: E402
 
 from speeder_rt.data import SyntheticConfig, generate_synthetic  # noqa: E402
@@ -77,7 +91,8 @@ def server(tmp_path_factory):
                 pass
             assert time.monotonic() < deadline, f"not ready within {START_TIMEOUT_S} s"
             time.sleep(0.5)
-        yield {"grpc": f"127.0.0.1:{grpc}", "metrics": f"http://127.0.0.1:{metrics}/metrics"}
+        yield {"grpc": f"127.0.0.1:{grpc}", "metrics": f"http://127.0.0.1:{metrics}/metrics",
+               "http": f"http://127.0.0.1:{http}", "pid": proc.pid}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -156,3 +171,178 @@ def test_serving_throughput(benchmark, server) -> None:
     assert errors == 0
     assert figures["requests_per_s"] >= GOAL_RPS and batch >= GOAL_BATCH, (
         f"goal {GOAL_RPS} req/s at average batch >= {GOAL_BATCH} missed: {figures}")
+
+
+# -- soak --------------------------------------------------------------------------------------------------------
+SOAK_REQUESTS = int(os.environ.get("SOAK_REQUESTS", "200000"))
+GOAL_RSS_GROWTH, GOAL_RECOVERY_S = 0.05, 10.0
+INVALID_KINDS = ("id_past_catalog", "not_json", "shape_mismatch", "float_id", "mask_1_0", "huge_shape")
+
+
+def soak_body(rng: np.random.Generator, kind: str) -> bytes:
+    """One user's ``speeder`` request as KServe v2 JSON: valid, or broken the way ``kind`` says."""
+    n = int(rng.integers(1, MAX_HISTORY + 1))
+    history, candidates = rng.integers(0, N_ITEMS, size=n).tolist(), rng.integers(0, N_ITEMS, size=CANDIDATES).tolist()
+    mask: list = [True] * n
+    history_shape = [1, n]
+    if kind == "id_past_catalog":
+        candidates[0] = N_ITEMS
+    elif kind == "shape_mismatch":
+        history_shape = [1, n + 1]
+    elif kind == "float_id":
+        history[0] = history[0] + 0.5
+    elif kind == "mask_1_0":
+        mask = [1] * n
+    elif kind == "huge_shape":
+        history_shape = [1, 99999999999]
+    body = json.dumps({"inputs": [
+        {"name": "history_ids", "datatype": "INT64", "shape": history_shape, "data": history},
+        {"name": "history_mask", "datatype": "BOOL", "shape": [1, n], "data": mask},
+        {"name": "candidate_ids", "datatype": "INT64", "shape": [1, CANDIDATES], "data": candidates}]}).encode()
+    if kind == "not_json":
+        return body[: len(body) // 2]
+    if kind == "too_large":
+        return body[:-1] + b" " * (3 * 2**20) + b"}"
+    return body
+
+
+def soak_plan(rng: np.random.Generator, count: int) -> list[str]:
+    """The kind of each request: 1 in 10 invalid (the kinds in turn), 1 in 1,000 a body past the size limit."""
+    kinds = ["valid"] * count
+    for i in range(5, count, 10):
+        kinds[i] = INVALID_KINDS[(i // 10) % len(INVALID_KINDS)]
+    for i in range(7, count, 1000):
+        kinds[i] = "too_large"
+    return kinds
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def serving_processes(pid: int) -> dict[str, int]:
+    """{role: pid}: the speeder_rt.serve process (front), its tritonserver, and each model's stub."""
+    from speeder_rt.serve.health import stubs_by_model, tritonserver_pid
+
+    server = tritonserver_pid(pid)
+    found = {"speeder_rt.serve (front)": pid, "tritonserver": server}
+    for model, pids in sorted(stubs_by_model(server).items()):
+        for i, stub in enumerate(pids):
+            found[f"stub {model} #{i}"] = stub
+    return found
+
+
+def rss_snapshot(pid: int) -> dict[str, tuple[int, float]]:
+    return {role: (p, round(rss_mib(p), 1)) for role, p in serving_processes(pid).items()}
+
+
+async def soak(server: dict, kinds: list[str], bodies: dict[str, list[bytes]]) -> dict:
+    """Send every request of ``kinds`` from CLIENTS clients; kill the speeder stub halfway; the figures."""
+    http, pid = server["http"], server["pid"]
+    url = f"{http}/v2/models/speeder/infer"
+    pending = list(reversed(range(len(kinds))))
+    outcomes: collections.Counter = collections.Counter()
+    unexpected: list[str] = []
+    latencies: list[float] = []
+    state = {"killed_at": None, "not_ready_after_s": None, "recovered_s": None, "failed_in_recovery": 0, "done": 0}
+    snapshots: dict[str, dict] = {}
+    warmup = min(5000, len(kinds) // 10)
+
+    async def watch_recovery() -> None:
+        """Seconds from the kill until the model is not ready (detection), then until it is ready again."""
+        async with aiohttp.ClientSession() as session:  # its own connection: the clients keep all of theirs busy
+            for key, wanted in (("not_ready_after_s", False), ("recovered_s", True)):
+                while True:
+                    async with session.get(f"{http}/v2/models/speeder/ready") as response:
+                        if (response.status == 200) == wanted:
+                            state[key] = round(time.monotonic() - state["killed_at"], 2)
+                            break
+                    await asyncio.sleep(0.02)
+
+    async def client_loop(session: aiohttp.ClientSession) -> None:
+        while pending:
+            i = pending.pop()
+            kind = kinds[i]
+            body = bodies[kind][i % len(bodies[kind])]
+            start, answer = time.perf_counter(), b""
+            try:
+                async with session.post(url, data=body) as response:
+                    code = response.status
+                    answer = await response.read()
+            except (TimeoutError, aiohttp.ClientError) as e:
+                code = type(e).__name__
+            elapsed = time.perf_counter() - start
+            if code == 503:
+                await asyncio.sleep(0.1)  # as a client honouring Retry-After would, if less patiently
+            state["done"] += 1
+            outcomes[(kind, code)] += 1
+            if kind == "valid" and code == 200:
+                latencies.append(elapsed)
+            elif code == 503 and state["killed_at"] is not None and b"model speeder is recovering" in answer:
+                state["failed_in_recovery"] += 1  # the model is down: valid requests and those only it refuses
+            elif kind == "valid" or not (isinstance(code, int) and 400 <= code < 500):
+                unexpected.append(f"{kind} -> {code}")
+
+    async def conductor() -> None:
+        while state["done"] < warmup:
+            await asyncio.sleep(0.05)
+        snapshots["after_warmup"] = rss_snapshot(pid)
+        while state["done"] < len(kinds) // 2:
+            await asyncio.sleep(0.05)
+        snapshots["before_kill"] = rss_snapshot(pid)
+        stub = snapshots["before_kill"]["stub speeder #0"][0]
+        state["killed_at"] = time.monotonic()
+        os.kill(stub, signal.SIGKILL)
+        await asyncio.sleep(0.05)
+        await watch_recovery()
+
+    connector = aiohttp.TCPConnector(limit=CLIENTS)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        start = time.perf_counter()
+        conducting = asyncio.ensure_future(conductor())
+        await asyncio.gather(*(client_loop(session) for _ in range(CLIENTS)))
+        wall = time.perf_counter() - start
+        await asyncio.wait_for(conducting, 300)
+    snapshots["end"] = rss_snapshot(pid)
+    return {"wall_s": wall, "outcomes": outcomes, "unexpected": unexpected, "latencies": latencies,
+            "state": state, "rss": snapshots}
+
+
+def rss_growth(before: dict, after: dict) -> dict[str, float]:
+    """Relative RSS growth of each process present (same PID) in both snapshots."""
+    return {role: round(after[role][1] / before[role][1] - 1, 4) for role in before
+            if role in after and after[role][0] == before[role][0]}
+
+
+def test_serving_soak(benchmark, server) -> None:
+    rng = np.random.default_rng(1)
+    kinds = soak_plan(rng, SOAK_REQUESTS)
+    bodies = {kind: [soak_body(rng, kind) for _ in range(512 if kind == "valid" else 16)]
+              for kind in ("valid", *INVALID_KINDS, "too_large")}
+    result = benchmark.pedantic(lambda: asyncio.run(soak(server, kinds, bodies)), rounds=1, iterations=1)
+    rss = result["rss"]
+    growth_first_half = rss_growth(rss["after_warmup"], rss["before_kill"])
+    growth_whole = rss_growth(rss["after_warmup"], rss["end"])
+    by_kind: dict[str, dict[str, int]] = {}
+    for (kind, code), count in sorted(result["outcomes"].items(), key=str):
+        by_kind.setdefault(kind, {})[str(code)] = count
+    figures = {"requests": SOAK_REQUESTS, "clients": CLIENTS, "wall_s": round(result["wall_s"], 1),
+               "requests_per_s": round(SOAK_REQUESTS / result["wall_s"], 1),
+               "p50_ms_valid": round(float(np.percentile(result["latencies"], 50)) * 1e3, 2),
+               "p99_ms_valid": round(float(np.percentile(result["latencies"], 99)) * 1e3, 2),
+               "outcomes_by_kind": by_kind, "unexpected": len(result["unexpected"]),
+               "unexpected_examples": result["unexpected"][:5],
+               "not_ready_after_s": result["state"]["not_ready_after_s"],
+               "recovery_s": result["state"]["recovered_s"],
+               "failed_during_recovery": result["state"]["failed_in_recovery"],
+               "rss_mib": rss, "rss_growth_warmup_to_kill": growth_first_half, "rss_growth_warmup_to_end": growth_whole,
+               "serve_args": " ".join(SERVE_ARGS) or "defaults"}
+    benchmark.extra_info.update(figures)
+    print("\nserving soak:", json.dumps(figures, indent=1))
+    worst = max(growth_whole.values())
+    assert not result["unexpected"], result["unexpected"][:10]
+    assert figures["recovery_s"] is not None and figures["recovery_s"] <= GOAL_RECOVERY_S, figures["recovery_s"]
+    assert worst <= GOAL_RSS_GROWTH, f"RSS grew {worst:.1%} after warm-up: {growth_whole}"

@@ -6,14 +6,18 @@ Runs in the serve venv (.venv-serve: numpy<2, nvidia-pytriton, tritonclient), wh
 it skips. Servers bind 127.0.0.1 on free ports, every wait is bounded, and every process is stopped by PID in
 teardown (the process of the command, then anything left whose command line names the test's directory).
 """
+import gzip
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +35,7 @@ from speeder_rt.export.exporter import export_model  # noqa: E402
 from speeder_rt.export.format import Ranges  # noqa: E402
 from speeder_rt.runtime import Recommender, RequestError  # noqa: E402
 from speeder_rt.serve import __main__ as serve_cli  # noqa: E402
+from speeder_rt.serve.front import DRAINING  # noqa: E402
 from speeder_rt.serve.server import Endpoints, check_ports, write_repository  # noqa: E402
 
 N_ITEMS, RANGES, TOPK = 120, Ranges(max_batch=32, max_history=8, max_candidates=20), 5
@@ -171,6 +176,44 @@ def server_batches(srv, model="speeder"):
     return counter("nv_inference_request_success"), counter("nv_inference_exec_count")
 
 
+def post(srv, body, model="speeder", headers=None, timeout=30):
+    """(HTTP status, error message or parsed answer) of a raw POST to ``model``'s infer endpoint."""
+    request = urllib.request.Request(f"http://127.0.0.1:{srv.http_port}/v2/models/{model}/infer", data=body,
+                                     headers=headers or {}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["error"]
+
+
+def status(srv, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.http_port}{path}", timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def json_request(histories, candidates=None, **changes):
+    """A KServe v2 JSON body for ``speeder`` (for ``speeder_topk`` without candidates); ``changes`` replace fields
+    of one input, e.g. ``history_ids={"data": [...]}``."""
+    ids, mask = padded(histories)
+    body = {"inputs": [{"name": "history_ids", "datatype": "INT64", "shape": list(ids.shape), "data": ids.ravel().tolist()},
+                       {"name": "history_mask", "datatype": "BOOL", "shape": list(mask.shape), "data": mask.ravel().tolist()}]}
+    if candidates is not None:
+        body["inputs"].append({"name": "candidate_ids", "datatype": "INT64", "shape": list(np.shape(candidates)),
+                               "data": np.ravel(candidates).tolist()})
+    for tensor in body["inputs"]:
+        tensor.update(changes.get(tensor["name"], {}))
+    return json.dumps(body).encode()
+
+
+def stub_pids(srv, model):
+    """The Python-backend stub processes serving ``model`` (their first argument is <repository>/<model>/1/model.py)."""
+    return [pid for pid in processes_naming(f"/{model}/1/model.py") if pid in processes_naming(str(srv.workdir))]
+
+
 HISTORIES = [[3, 17, 5], [8], [0, 1, 2, 3, 4, 5, 6, 7], [44, 0], [119]]
 CANDIDATES = np.random.default_rng(0).integers(0, N_ITEMS, size=(5, 7)).astype(np.int64)
 
@@ -281,6 +324,154 @@ def test_mixed_lengths_batch_together_and_bad_requests_fail_alone(server, rec):
     assert executions > 0 and successes / executions >= 4, f"average server batch {successes / executions:.2f}"
 
 
+def test_the_requests_that_crashed_tritonserver_get_a_4xx_and_the_server_stays_up(server, rec):
+    """tritonserver 2.51 aborts on a JSON shape far larger than its data (std::bad_alloc) and dies with SIGSEGV on
+    bodies of ~5 MB or more; the front refuses both before they reach it."""
+    code, message = post(server, json_request([[3, 4]], [[1, 2, 3]], history_ids={"shape": [1, 99999999999]}))
+    assert (code, message) == (400, "input history_ids: shape [1, 99999999999] needs 99999999999 values, got 2")
+    valid = json_request([[3, 4]], [[1, 2, 3]])
+    for size in (7 * 2**20, 30 * 2**20):  # whitespace keeps the JSON valid
+        code, message = post(server, valid[:-1] + b" " * size + b"}")
+        assert code == 413 and "larger than" in message and "--max-request-bytes" in message
+    code, answer = post(server, valid)
+    assert code == 200 and server.proc.poll() is None
+    np.testing.assert_array_equal(np.array(answer["outputs"][0]["data"], dtype=np.float32).reshape(1, 3),
+                                  rec.recommend([[3, 4]], [[1, 2, 3]]))
+
+
+MALFORMED = {  # body -> the front's 400 message
+    b"hello": "the request body is not valid JSON: Expecting value: line 1 column 1 (char 0)",
+    json_request([[3, 4]], [[1]])[:40]: "the request body is not valid JSON: Unterminated string starting at: line 1 "
+                                        "column 37 (char 36)",
+    b"[1, 2]": 'the request must be a JSON object with an "inputs" list',
+    json_request([[3, 4]], [[1, 2]], candidate_ids={"shape": [1, 3]}): "input candidate_ids: shape [1, 3] needs 3 "
+                                                                       "values, got 2",
+    json_request([[3, 4]], [[1]], history_ids={"data": ["3", 4]}): 'input history_ids: item ids must be integers, '
+                                                                  'got "3"',
+    json_request([[3, 4]], [[1]], history_ids={"data": [3.5, 4]}): "input history_ids: item ids must be integers, "
+                                                                  "got 3.5",
+    json_request([[3, 4]], [[1]], candidate_ids={"data": [2**70]}): "input candidate_ids: item id "
+                                                                   "1180591620717411303424 does not fit in int64",
+    json_request([[3, 4]], [[1]], history_mask={"data": [1, 0]}): "input history_mask: values must be true or "
+                                                                 "false, got 1",
+    json_request([[3, 4]], [[1]], history_mask={"datatype": "INT64"}): 'input history_mask: datatype must be BOOL, '
+                                                                      'got "INT64"',
+    json_request([[3]], [[1]], history_ids={"shape": [0, 1], "data": []}, history_mask={"shape": [0, 1], "data": []},
+                 candidate_ids={"shape": [0, 1], "data": []}):
+        "input history_ids: empty batch (shape [0, 1]: at least one row is needed)",
+    json_request([[3]], [[1]], candidate_ids={"name": "candidates"}): 'inputs[2]: unknown input "candidates" for '
+                                                                      "model speeder (inputs: history_ids, "
+                                                                      "history_mask, candidate_ids)",
+    json_request([[3], [4]], [[1]]): "input candidate_ids: 1 rows where history_ids has 2",
+}
+
+
+def test_malformed_json_bodies_get_400_with_a_message(server, rec):
+    for body, want in MALFORMED.items():
+        assert post(server, body) == (400, want), body[:80]
+    code, answer = post(server, json_request([[3, 4]], [[1]], history_ids={"data": [[3, 4]]}))  # nested data is fine
+    assert code == 200
+    assert answer["outputs"][0]["data"] == rec.recommend([[3, 4]], [[1]]).ravel().tolist()
+    # a binary-tensor request whose header disagrees with its binary part
+    header = json.dumps({"inputs": [{"name": "history_ids", "datatype": "INT64", "shape": [1, 1000000],
+                                     "parameters": {"binary_data_size": 8}}]}).encode()
+    code, message = post(server, header + b"\0" * 8, headers={"Inference-Header-Content-Length": str(len(header))})
+    assert (code, message) == (400, "input history_ids: binary_data_size 8 does not match shape [1, 1000000] of INT64")
+
+
+def test_compressed_requests_are_served_and_checked_inflated(server, rec):
+    """tritonclient's gzip / deflate request bodies are served; a small gzip body that inflates past the limit (a
+    compression bomb: 50 MB of JSON in about 50 KB) gets 413 before tritonserver inflates it."""
+    module, client = clients(server)["http"]
+    ids, mask = padded(HISTORIES)
+    for algorithm in ("gzip", "deflate"):
+        got = client.infer("speeder", inputs(module, ids, mask, CANDIDATES), request_compression_algorithm=algorithm)
+        np.testing.assert_array_equal(got.as_numpy("scores"), rec.recommend(HISTORIES, CANDIDATES))
+    bomb = gzip.compress(json_request([[3, 4]], [[1]])[:-1] + b" " * (50 * 2**20) + b"}")
+    code, message = post(server, bomb, headers={"Content-Encoding": "gzip"})
+    assert code == 413 and message.startswith("request body (inflated): larger than"), message
+    assert post(server, json_request([[3, 4]], [[1]]))[0] == 200
+
+
+def test_a_killed_stub_is_reloaded_and_a_model_that_cannot_be_reloaded_stops_the_server(export_dir, rec, tmp_path):
+    """kill -9 of the speeder model's stub while a client sends requests: readiness (model and server) goes false,
+    every failed request is a 503 naming the recovery, and after the reload the answers are the same
+    (``check_recovery``). Then the engine file is broken and the stub killed again: the reload fails, and after
+    --max-recoveries 2 the server exits 1 with one line naming the model and the cause. A server of its own: a
+    request that was executing in the killed stub stays pending in tritonserver 2.51 (docs/serving.md), so its
+    final stop is not a clean one to test the drain on."""
+    export = tmp_path / "export"
+    shutil.copytree(export_dir, export)
+    server = Server(["-m", "speeder_rt.serve", "--export", str(export), "--max-recoveries", "2"], tmp_path)
+    try:
+        server.wait_ready()
+        check_recovery(server, rec)
+        (export / "model_repository" / "speeder" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+        (stub,) = stub_pids(server, "speeder")
+        os.kill(stub, signal.SIGKILL)
+        code = server.proc.wait(timeout=2 * START_TIMEOUT_S)
+    finally:
+        left = server.stop()
+    assert code == 1 and not left
+    log = server.log()
+    errors = [line for line in log.splitlines() if line.startswith("speeder_rt.serve: error: ")]
+    assert len(errors) == 1, log[-3000:]
+    assert "model speeder could not be recovered after 2 attempts (--max-recoveries)" in errors[0]
+    assert "last error: load failed for model 'speeder'" in errors[0] and "At:" not in errors[0]
+    # the second death came soon after the first recovery (a recovery that did not hold) or it did not: either way
+    # the last allowed attempt failed on the broken engine file
+    assert "recovery 2/2 of model speeder failed: load failed for model 'speeder'" in log
+
+
+def check_recovery(server, rec):
+    """kill -9 of the speeder stub under a client's requests: the checks of the test above."""
+    body, want = json_request(HISTORIES, CANDIDATES), rec.recommend(HISTORIES, CANDIDATES)
+    (stub,) = stub_pids(server, "speeder")
+    outcomes, stop = [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            code, answer = post(server, body)
+            outcomes.append((time.monotonic(), code, answer))  # when it was answered
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=client)
+    sender.start()
+    try:
+        time.sleep(0.5)
+        killed = time.monotonic()
+        os.kill(stub, signal.SIGKILL)
+        deadline = killed + 2.0
+        while time.monotonic() < deadline and status(server, "/v2/models/speeder/ready") == 200:
+            time.sleep(0.05)
+        assert time.monotonic() < deadline, "the model stayed ready for 2 s after its stub was killed"
+        assert status(server, "/v2/health/ready") == 503
+        assert status(server, "/v2/models/speeder_topk/ready") == 200  # the other model is not affected
+        code, answer = post(server, json_request(HISTORIES), model="speeder_topk", timeout=10)
+        assert code == 200 and answer["outputs"][0]["data"] == rec.topk(HISTORIES, k=TOPK)[0].ravel().tolist()
+        deadline = killed + START_TIMEOUT_S
+        while time.monotonic() < deadline and status(server, "/v2/models/speeder/ready") != 200:
+            time.sleep(0.2)
+        recovered = time.monotonic()
+        assert recovered < deadline, server.log()[-3000:]
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        sender.join(timeout=60)
+    assert status(server, "/v2/health/ready") == 200
+    failures = [(t, code, answer) for t, code, answer in outcomes if code != 200]
+    assert failures and all(code == 503 and answer.startswith("model speeder is recovering: ") for _, code, answer
+                            in failures), failures[:3]
+    assert all(killed <= t <= recovered for t, *_ in failures)  # bounded: only while it was down
+    for _, code, answer in outcomes:
+        if code == 200:
+            got = np.array(answer["outputs"][0]["data"], dtype=np.float32).reshape(want.shape)
+            np.testing.assert_array_equal(got, want)
+    assert any(t > recovered and code == 200 for t, code, _ in outcomes)
+    assert stub_pids(server, "speeder") not in ([], [stub])
+    assert "model speeder is down" in server.log() and "model speeder recovered in" in server.log()
+
+
 def test_a_port_in_use_is_refused_with_a_clear_message(export_dir, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -310,6 +501,11 @@ def test_the_flags_edit_the_served_copy_of_the_repository_and_bad_values_are_ref
     for flag in ("--threads", "--instances", "--max-batch"):
         assert serve_cli.main(["--export", str(export_dir), flag, "0"]) == 2
         assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+    for flag, value, message in (("--max-recoveries", "-1", "--max-recoveries must be >= 0, got -1"),
+                                 ("--drain-timeout-s", "-2", "--drain-timeout-s must be >= 0, got -2.0"),
+                                 ("--max-request-bytes", str(8 * 2**20), "--max-request-bytes must be in 1024..2097152")):
+        assert serve_cli.main(["--export", str(export_dir), flag, value]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_the_wheels_tritonserver_loads_the_exported_python_repository(export_dir, rec, tmp_path):
@@ -336,12 +532,47 @@ def test_the_wheels_tritonserver_loads_the_exported_python_repository(export_dir
     assert srv.proc.returncode == 0 and not left
 
 
-def test_sigterm_stops_the_server_with_exit_0_within_10_s(server):
-    """Last in this module: it stops the module's server (the fixture's teardown then finds it stopped)."""
-    start = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
-    code = server.proc.wait(timeout=30)
-    elapsed = time.monotonic() - start
-    assert code == 0, server.log()[-3000:]
-    assert elapsed < 10, f"stopped after {elapsed:.1f} s"
-    assert "speeder_rt.serve: stopped" in server.log()
+def test_sigterm_under_load_drains_the_requests_in_flight_and_exits_0(server, rec):
+    """Last in this module: it stops the module's server (the fixture's teardown then finds it stopped).
+    32 clients send full batches (32 users, 20 candidates) in a loop; SIGTERM: every request the server had taken
+    is answered (200, the right scores), the new ones get the 503 of the drain, the exit status is 0 and nothing
+    is logged as a failure."""
+    histories = [[i % N_ITEMS, (7 * i) % N_ITEMS] for i in range(32)]
+    candidates = np.arange(32 * 20).reshape(32, 20) % N_ITEMS
+    body, want = json_request(histories, candidates), rec.recommend(histories, candidates)
+    outcomes, signalled = [], threading.Event()
+
+    def client():
+        while server.proc.poll() is None:
+            try:
+                code, answer = post(server, body)
+            except OSError as e:  # the listener closed: only once the drain began
+                outcomes.append(("closed", repr(e), signalled.is_set()))
+                return
+            outcomes.append((code, answer, signalled.is_set()))
+            if code != 200:
+                return
+
+    with ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(client) for _ in range(32)]
+        time.sleep(1.0)
+        start = time.monotonic()
+        signalled.set()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(timeout=60)
+        elapsed = time.monotonic() - start
+        for future in futures:
+            future.result(timeout=60)
+    log = server.log()
+    assert code == 0, log[-3000:]
+    assert elapsed < 30, f"stopped after {elapsed:.1f} s"
+    in_flight = int(re.search(r"draining: (\d+) HTTP requests in flight", log)[1])
+    assert in_flight > 0 and "speeder_rt.serve: drained; stopping" in log and "speeder_rt.serve: stopped" in log
+    for code, answer, after in outcomes:
+        if code == 200:
+            np.testing.assert_array_equal(np.array(answer["outputs"][0]["data"], dtype=np.float32).reshape(32, 20),
+                                          want)
+        else:  # refused, never failed: the drain's 503, or no listener any more
+            assert after and (code == "closed" or (code, answer) == (503, DRAINING)), (code, answer)
+    assert sum(code == 200 for code, _, after in outcomes if after) > 0  # answered after the signal
+    assert not re.search(r"^E\d{4}|failed|Exit timeout expired", log[log.index("draining:"):], re.M), log[-3000:]

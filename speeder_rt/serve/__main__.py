@@ -1,10 +1,15 @@
 """python -m speeder_rt.serve --export DIR [--host 127.0.0.1] [--http-port 8000] [--grpc-port 8001]
 [--metrics-port 8002] [--max-batch N] [--queue-delay-us US] [--instances N] [--threads N]
+[--max-recoveries 3] [--drain-timeout-s 10] [--max-request-bytes N]
 
 Settings left out keep the export's (model_repository_python/*/config.pbtxt: its max batch, a 2 ms queue delay,
 one instance, one engine thread per instance).
 
-Exit status: 0 stopped by SIGINT / SIGTERM; 1 the server died; 2 bad setup (export, ports, environment).
+A model whose instance process dies is reloaded (not ready meanwhile, its requests 503); SIGINT / SIGTERM drains
+the requests in flight before stopping; HTTP requests are checked and bounded by a front (docs/serving.md).
+
+Exit status: 0 stopped by SIGINT / SIGTERM; 1 the server died or a model could not be recovered (the message
+names it and the cause); 2 bad setup (export, ports, environment, flags).
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from speeder_rt.serve.server import Endpoints, ServeError, serve
+from speeder_rt.serve.server import Endpoints, Resilience, ServeError, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model instances (processes) per model (default: the export's, 1)")
     parser.add_argument("--threads", type=int, default=None,
                         help="the engine's CPU threads per instance (default: the export's, 1)")
+    parser.add_argument("--max-recoveries", type=int, default=3,
+                        help="failed reloads of a model (a dead or crashing instance) before the server exits 1 "
+                             "(default 3)")
+    parser.add_argument("--drain-timeout-s", type=float, default=10.0,
+                        help="on SIGINT / SIGTERM, the longest wait for the requests in flight (default 10)")
+    parser.add_argument("--max-request-bytes", type=int, default=None,
+                        help="largest HTTP request body (default: a JSON request of the export's max batch at its "
+                             "widest, at most 2 MiB)")
     return parser
 
 
@@ -40,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     endpoints = Endpoints(args.host, args.http_port, args.grpc_port, args.metrics_port)
     log = lambda line: print(line, flush=True)  # noqa: E731
     try:
+        resilience = Resilience(args.max_recoveries, args.drain_timeout_s, args.max_request_bytes)
         return serve(args.export, endpoints, args.max_batch, args.queue_delay_us, args.instances, args.threads,
-                     log=log)
+                     resilience, log=log)
     except ServeError as e:
         print(f"speeder_rt.serve: error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,10 @@
 """Run Triton Inference Server (the ``tritonserver`` of the ``nvidia-pytriton`` wheel, launched by PyTriton) on a
-Python-backend model repository, and stop it cleanly.
+Python-backend model repository, keep it healthy, and stop it cleanly (``run``; docs/serving.md).
+
+tritonserver's HTTP endpoint listens on a private loopback port behind the request front (``front``: limits,
+readiness, 503s, drain accounting) that owns the public HTTP port; ``health`` watches the stub processes and
+reloads a model whose instance died through Triton's model-control API; SIGINT / SIGTERM drain the requests in
+flight (``_drain``) before the models are unloaded and tritonserver stops.
 
 Three traps of the wheel's Python backend stub are handled here, before the server starts:
 
@@ -13,19 +18,29 @@ Three traps of the wheel's Python backend stub are handled here, before the serv
 """
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
 import sys
 import sysconfig
 import tempfile
-import threading
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from speeder_rt.export.format import EXPORT_JSON, PYTHON_REPOSITORY, read_export_json
+from speeder_rt.serve.limits import MAX_BODY_CEILING, served_models
+
+if TYPE_CHECKING:  # aiohttp (front, health) is imported where it runs: only the serve venv has it
+    from speeder_rt.serve.front import Front
+    from speeder_rt.serve.health import Health
+
+UNLOAD_TIMEOUT_S = 10.0  # the least time the models get to unload after a drain
 
 
 class ServeError(RuntimeError):
@@ -123,58 +138,161 @@ def write_repository(export_dir: Path, repo: Path, max_batch: int | None = None,
     return read_export_json(export_dir)
 
 
-def run(repository: Path, endpoints: Endpoints, stop: threading.Event, log: Callable[[str], None] = print) -> int:
-    """Serve ``repository`` until ``stop`` is set (0) or the server dies (1)."""
+@dataclass
+class Resilience:
+    """How the server recovers, drains and bounds requests (the flags of ``python -m speeder_rt.serve``)."""
+
+    max_recoveries: int = 3  # failed recoveries of a model before the server exits 1
+    drain_timeout_s: float = 10.0  # SIGTERM / SIGINT: the longest wait for the requests in flight
+    max_request_bytes: int | None = None  # None: from the export's ranges (limits.ServedModel.default_max_body_bytes)
+
+    def check(self) -> None:
+        if self.max_recoveries < 0:
+            raise ServeError(f"--max-recoveries must be >= 0, got {self.max_recoveries}")
+        if self.drain_timeout_s < 0:
+            raise ServeError(f"--drain-timeout-s must be >= 0, got {self.drain_timeout_s}")
+        if self.max_request_bytes is not None and not 1024 <= self.max_request_bytes <= MAX_BODY_CEILING:
+            raise ServeError(f"--max-request-bytes must be in 1024..{MAX_BODY_CEILING} (tritonserver 2.51's HTTP "
+                             f"endpoint crashes on bodies of ~5 MB), got {self.max_request_bytes}")
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def pending_requests(metrics_url: str) -> float:
+    """Requests tritonserver holds (queued or executing), from its metrics; 0 when they cannot be read."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        try:
+            async with session.get(metrics_url) as response:
+                text = await response.text()
+        except (TimeoutError, aiohttp.ClientError):
+            return 0.0
+    return sum(float(v) for v in re.findall(r"^nv_inference_pending_request_count\{[^}]*\} (\S+)$", text, re.MULTILINE))
+
+
+async def _wait_first(*awaitables: Awaitable[object]) -> None:
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
+
+
+async def _until_dead(triton: object) -> None:
+    while triton.is_alive():  # type: ignore[attr-defined]
+        await asyncio.sleep(0.5)
+
+
+async def run(repository: Path, endpoints: Endpoints, resilience: Resilience, log: Callable[[str], None]) -> int:
+    """Serve ``repository`` until SIGINT / SIGTERM (drain, then 0), a model that cannot be recovered (1) or the
+    death of tritonserver (1). tritonserver's HTTP endpoint listens on a private loopback port behind the front."""
     from pytriton.triton import Triton, TritonConfig
 
+    from speeder_rt.serve.front import Front
+    from speeder_rt.serve.health import Health, tritonserver_pid
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    models = served_models(repository)
+    max_body = resilience.max_request_bytes or min(MAX_BODY_CEILING,
+                                                   max(m.default_max_body_bytes() for m in models.values()))
     os.environ.update(stub_environment(dict(os.environ)))  # PyTriton passes its environment to tritonserver
-    config = TritonConfig(model_repository=repository, http_address=endpoints.host, http_port=endpoints.http_port,
+    private_http = free_loopback_port()
+    config = TritonConfig(model_repository=repository, http_address="127.0.0.1", http_port=private_http,
                           grpc_address=endpoints.host, grpc_port=endpoints.grpc_port,
                           metrics_address=endpoints.host, metrics_port=endpoints.metrics_port,
-                          allow_gpu_metrics=False, exit_timeout_secs=3, strict_readiness=True)
+                          allow_gpu_metrics=False, exit_timeout_secs=5, strict_readiness=True)
     triton = Triton(config=config)
+    health = front = None
     try:
         try:
-            triton.run()  # starts tritonserver, waits until the server and every model are ready
+            await loop.run_in_executor(None, triton.run)  # starts tritonserver, waits until every model is ready
         except Exception as e:  # noqa: BLE001 -- PyTriton's errors for a server that died or never got ready
             log(f"speeder_rt.serve: tritonserver did not start ({type(e).__name__}: {e}); its log is above")
             return 1
-        if not triton.is_alive():
+        server_pid = tritonserver_pid()
+        if not triton.is_alive() or server_pid is None:
             log("speeder_rt.serve: tritonserver exited while loading the models (its log is above)")
             return 1
-        models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+        upstream = f"http://127.0.0.1:{private_http}"
+        health = Health(models, upstream, triton.get_access_token(), server_pid, resilience.max_recoveries, log)
+        front = Front(upstream, models, health, max_body, log)
+        health.on_down.append(front.model_down)
+        await front.start(endpoints.host, endpoints.http_port)
         log("speeder_rt.serve: ready; models " + ", ".join(models) + "; "
-            + ", ".join(f"{name} {url}" for name, url in endpoints.urls().items()))
-        while not stop.wait(0.5):
-            if not triton.is_alive():
-                log("speeder_rt.serve: tritonserver exited unexpectedly (its log is above)")
-                return 1
-        log("speeder_rt.serve: stopping")
-        return 0
+            + ", ".join(f"{name} {url}" for name, url in endpoints.urls().items())
+            + f"; requests up to {max_body} bytes")
+        watcher = asyncio.ensure_future(health.watch())
+        await _wait_first(stop.wait(), health.failed_event.wait(), _until_dead(triton))
+        watcher.cancel()
+        if health.failed is not None:
+            log(f"speeder_rt.serve: error: {health.failed}; exiting")
+            return 1
+        if not triton.is_alive():
+            log("speeder_rt.serve: tritonserver exited unexpectedly (its log is above)")
+            return 1
+        return await _drain(front, health, endpoints, resilience.drain_timeout_s, log)
     finally:
-        triton.stop()
+        if front is not None:
+            await front.close()
+        if health is not None:
+            await health.close()
+        await loop.run_in_executor(None, triton.stop)
 
 
-def serve_repository(repository: Path, endpoints: Endpoints, log: Callable[[str], None] = print) -> int:
-    """Serve a Python-backend ``repository`` as it is until SIGINT / SIGTERM (0) or the server's death (1)."""
+async def _drain(front: Front, health: Health, endpoints: Endpoints, timeout_s: float,
+                 log: Callable[[str], None]) -> int:
+    """Refuse new HTTP requests, wait (at most ``timeout_s``) for the ones in flight and for those tritonserver
+    holds (gRPC ones included), then unload the models (their stubs finish) so that tritonserver stops at once;
+    0 either way (a drain that times out says how many requests it cut off)."""
+    deadline = time.monotonic() + timeout_s
+    log(f"speeder_rt.serve: draining: {front.in_flight} HTTP requests in flight, new ones refused (503); "
+        f"waiting up to {timeout_s:g} s")
+    front.drain()
+    drained = await front.drained(timeout_s)
+    pending = await pending_requests(endpoints.urls()["metrics"])
+    while pending and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        pending = await pending_requests(endpoints.urls()["metrics"])
+    if drained and not pending:
+        log("speeder_rt.serve: drained; stopping")
+    else:
+        log(f"speeder_rt.serve: drain timeout ({timeout_s:g} s, --drain-timeout-s): {front.in_flight} HTTP and "
+            f"{pending:.0f} queued requests are cut off; stopping")
+    if not await health.unload_all(max(UNLOAD_TIMEOUT_S, deadline - time.monotonic())):
+        log(f"speeder_rt.serve: the models did not unload within {UNLOAD_TIMEOUT_S:g} s; stopping tritonserver")
+    return 0
+
+
+def serve_repository(repository: Path, endpoints: Endpoints, resilience: Resilience | None = None,
+                     log: Callable[[str], None] = print) -> int:
+    """Serve a Python-backend ``repository`` as it is until SIGINT / SIGTERM (drain, then 0) or a failure (1)."""
+    resilience = resilience or Resilience()
+    resilience.check()
     check_environment()
     check_ports(endpoints)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    return run(repository, endpoints, stop, log)
+    return asyncio.run(run(repository, endpoints, resilience, log))
 
 
 def serve(export_dir: Path, endpoints: Endpoints, max_batch: int | None = None, queue_delay_us: int | None = None,
-          instances: int | None = None, threads: int | None = None, log: Callable[[str], None] = print) -> int:
+          instances: int | None = None, threads: int | None = None, resilience: Resilience | None = None,
+          log: Callable[[str], None] = print) -> int:
     """``python -m speeder_rt.serve``: the export's repository with these batching settings, written to a temporary
     directory and served (``serve_repository``). ServeError for a bad setup (nothing started)."""
+    resilience = resilience or Resilience()
+    resilience.check()
     check_environment()
     with tempfile.TemporaryDirectory(prefix="speeder_rt_serve_") as tmp:
         repository = Path(tmp) / PYTHON_REPOSITORY
         meta = write_repository(export_dir.resolve(), repository, max_batch, queue_delay_us, instances, threads)
         log(f"speeder_rt.serve: {meta['engine']} export {export_dir} ({meta['num_items']} items, ranges "
             f"{meta['ranges']}, top-k {meta['topk']})")
-        code = serve_repository(repository, endpoints, log)
+        code = serve_repository(repository, endpoints, resilience, log)
     log("speeder_rt.serve: stopped")
     return code

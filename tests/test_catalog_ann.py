@@ -6,9 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from speeder_rt.catalog import ItemIndex, recall
+from speeder_rt.catalog.ann import EXACT_MAX_ITEMS
 from speeder_rt.catalog.synthetic import clustered_catalog
+from speeder_rt.kernels.cpp_ops import score_topk_reference
 
 RECALL_FLOOR = 0.95  # recall@10 of the tuned ANN kinds against exact on the clustered catalog
 
@@ -34,17 +37,17 @@ def integer_catalog() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def clustered() -> tuple[np.ndarray, np.ndarray]:
-    return clustered_catalog(50_000, 64, 200, seed=3)
+    return clustered_catalog(EXACT_MAX_ITEMS, 32, 200, seed=3)
 
 
 @pytest.fixture(scope="module")
 def ivf(clustered: tuple[np.ndarray, np.ndarray]) -> ItemIndex:
-    return ItemIndex.build(clustered[0], "ivf")
+    return ItemIndex.build(clustered[0], "auto")  # 50,000 items: approximate
 
 
 @pytest.fixture(scope="module")
 def hnsw() -> ItemIndex:
-    return ItemIndex.build(clustered_catalog(5000, 16, 0, seed=4)[0], "hnsw")
+    return ItemIndex.build(clustered_catalog(4000, 16, 0, seed=4)[0], "hnsw")
 
 
 def check_against_reference(got: tuple[np.ndarray, np.ndarray], want: tuple[np.ndarray, np.ndarray],
@@ -80,6 +83,10 @@ def test_exclusions_are_never_returned(integer_catalog: tuple[np.ndarray, np.nda
     scores, ids = index.search(queries, 10, exclude=exclude)
     assert not (ids[:, :, None] == exclude[:, None, :]).any()
     check_against_reference((scores, ids), reference_topk(queries, tokens, 10, exclude), queries, tokens)
+    # the package's exact top-k of the kernels (same order: score descending, equal scores lower id first)
+    kernel_ids, kernel_scores = score_topk_reference(torch.from_numpy(queries), torch.from_numpy(tokens), 10,
+                                                     torch.from_numpy(exclude))
+    check_against_reference((scores, ids), (kernel_scores.numpy(), kernel_ids.numpy()), queries, tokens)
 
 
 def test_slots_without_an_item_are_nan_and_minus_one() -> None:
@@ -94,7 +101,7 @@ def test_slots_without_an_item_are_nan_and_minus_one() -> None:
 def test_ann_recall_at_10_against_exact(kind: str, request: pytest.FixtureRequest,
                                         clustered: tuple[np.ndarray, np.ndarray]) -> None:
     index: ItemIndex = request.getfixturevalue(kind)
-    tokens, queries = clustered if kind == "ivf" else clustered_catalog(5000, 16, 200, seed=4)
+    tokens, queries = clustered if kind == "ivf" else clustered_catalog(4000, 16, 200, seed=4)
     assert index.kind == kind and index.params["tuned_recall@10"] >= RECALL_FLOOR
     _, want = ItemIndex.build(tokens, "exact").search(queries, 10)
     scores, got = index.search(queries, 10)
@@ -108,10 +115,10 @@ def test_recall_counts_the_exact_ids_found() -> None:
     assert recall(want, want) == 1.0
 
 
-def test_kind_auto_and_faiss_choose_by_size() -> None:
-    small, _ = clustered_catalog(1000, 8, 0)
-    assert ItemIndex.build(small, "auto").kind == "exact"
-    assert ItemIndex.build(small, "faiss").kind in ("hnsw", "ivf")
+def test_kind_auto_chooses_by_size(ivf: ItemIndex) -> None:
+    assert ItemIndex.build(clustered_catalog(EXACT_MAX_ITEMS - 1, 8, 0)[0], "auto").kind == "exact"
+    assert ItemIndex.build(clustered_catalog(1000, 8, 0)[0], "faiss").kind == "ivf"
+    assert ivf.size == EXACT_MAX_ITEMS and ivf.kind == "ivf"
 
 
 @pytest.mark.parametrize("kind", ["exact", "ivf", "hnsw"])

@@ -7,7 +7,7 @@ over the item-token table ``T [N, d]``. :class:`ItemIndex` answers it with one F
 
 - ``exact``: ``IndexFlatIP``, a scan of every item in BLAS / SIMD blocks of bounded size (FAISS chunks the
   queries and the catalog); the reference for recall and the default for small catalogs;
-- ``ivf``: ``IndexIVFFlat`` over ``nlist ~ sqrt(N)`` k-means cells (trained on the catalog at build);
+- ``ivf``: ``IndexIVFFlat`` over ``nlist ~ 4 sqrt(N)`` k-means cells (trained on the catalog at build);
   the approximate default (``kind="faiss"``): on the 2-core CPU it built 20x faster than HNSW and answered
   faster at the same recall (``docs/catalog.md`` has the measurements);
 - ``hnsw``: ``IndexHNSWFlat`` (a navigable small-world graph over the tokens), by name only: it needs no
@@ -219,7 +219,7 @@ def _empty_index(kind: str, tokens: np.ndarray, seed: int) -> tuple[faiss.Index,
         hnsw = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         return hnsw, {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": EF_SEARCH_STEPS[-1]}
-    nlist = max(1, min(n // 39, round(math.sqrt(n))))  # FAISS wants >= 39 training points per cell
+    nlist = max(1, min(n // 39, round(4 * math.sqrt(n))))  # FAISS: 4 to 16 sqrt(N); >= 39 training rows a cell
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
     ivf.cp.seed = seed
     ivf.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_CELL

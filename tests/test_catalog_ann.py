@@ -226,6 +226,8 @@ def test_bad_inputs_are_refused_with_the_reason() -> None:
             index.search(tokens, k)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"exclude: an integer array \[B=8, W\]"):
         index.search(tokens, 3, exclude=np.zeros((7, 2), np.int64))
+    with pytest.raises(ValueError, match=r"exclude: row 1, column 0 is 8, outside the catalog's ids 0..7"):
+        index.search(tokens[:2], 3, exclude=np.array([[-1, 3], [8, 0]]))
 
 
 def test_a_query_that_could_overflow_is_refused_not_ranked() -> None:

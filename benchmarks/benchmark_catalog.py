@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--recall-target", type=float, default=0.97, help="recall@10 the tuning aims at")
     parser.add_argument("--exact-rounds", type=int, default=20, help="latency rounds for the exact kind")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--effort-sweep", default="", help="also measure these search efforts (nprobe / efSearch), "
+                        "comma-separated: recall@10 and batch-1 latency of each")
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
     start = time.perf_counter()
@@ -84,6 +86,14 @@ def main() -> None:
         index.add(new_tokens)
         row["add_1000_s"] = round(time.perf_counter() - start, 3)
         row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        for effort in filter(None, args.effort_sweep.split(",") if index.kind != "exact" else []):
+            index.set_search_effort(int(effort))
+            _, got = index.search(queries, K)
+            sweep = {"items": args.items, "dim": args.dim, "kind": index.kind, "effort": int(effort),
+                     "recall@10": round(recall(got, want), 4), "batch1_ms": round(median_ms(index, queries, 1, 100), 3)}
+            print(json.dumps(sweep), flush=True)
+            print(f"| {args.items:,} x {args.dim} | {index.kind} effort {effort} | {sweep['recall@10']} | "
+                  f"{sweep['batch1_ms']} |", file=sys.stderr, flush=True)
         del index
         print(json.dumps(row), flush=True)
         print(f"| {args.items:,} x {args.dim} | {row['kind']} {row['params']} | {row['build_s']} | {row['saved_mib']} | "

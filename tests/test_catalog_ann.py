@@ -109,6 +109,23 @@ def test_ann_recall_at_10_against_exact(kind: str, request: pytest.FixtureReques
     np.testing.assert_allclose(scores, np.einsum("bd,bkd->bk", queries, tokens[got]), rtol=1e-5, atol=1e-4)
 
 
+def test_search_effort_trades_recall(ivf: ItemIndex, clustered: tuple[np.ndarray, np.ndarray]) -> None:
+    tokens, queries = clustered
+    _, want = ItemIndex.build(tokens, "exact").search(queries, 10)
+    tuned = ivf.params["nprobe"]
+    try:
+        ivf.set_search_effort(ivf.params["nlist"])  # every cell: exact
+        assert recall(ivf.search(queries, 10)[1], want) == 1.0
+        ivf.set_search_effort(1)
+        assert ivf.params["nprobe"] == 1 and recall(ivf.search(queries, 10)[1], want) < RECALL_FLOOR
+    finally:
+        ivf.set_search_effort(tuned)
+    with pytest.raises(ValueError, match="search effort must be an integer >= 1; got 0"):
+        ivf.set_search_effort(0)
+    with pytest.raises(ValueError, match="the exact index has no search effort"):
+        ItemIndex.build(tokens[:10], "exact").set_search_effort(4)
+
+
 def test_recall_counts_the_exact_ids_found() -> None:
     want = np.array([[1, 2, 3, 4], [5, 6, -1, -1]])
     assert recall(np.array([[4, 3, 9, 8], [6, 5, 7, -1]]), want) == 4 / 6

@@ -51,8 +51,7 @@ KINDS: tuple[str, ...] = ("auto", "exact", "faiss", "hnsw", "ivf")
 EXACT_MAX_ITEMS = 50_000  # "auto": exact below, "faiss" (= IVF) from here on
 HNSW_M, HNSW_EF_CONSTRUCTION = 32, 64
 IVF_TRAIN_POINTS_PER_CELL = 64
-EF_SEARCH_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-NPROBE_STEPS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+EF_SEARCH_MAX = 512
 TUNE_K, TUNE_QUERIES = 10, 256
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _FAISS_CLASSES = {"exact": faiss.IndexFlatIP, "hnsw": faiss.IndexHNSWFlat, "ivf": faiss.IndexIVFFlat}
@@ -113,17 +112,26 @@ class ItemIndex:
         (the largest tried when none does); records the recall reached in ``params["tuned_recall@10"]``."""
         k = min(TUNE_K, len(tokens))
         _, want = faiss.knn(queries, tokens, k, metric=faiss.METRIC_INNER_PRODUCT)
-        name, steps = ("efSearch", EF_SEARCH_STEPS) if self.kind == "hnsw" else ("nprobe", NPROBE_STEPS)
-        if self.kind == "ivf":
-            steps = tuple(s for s in steps if s < self.params["nlist"]) + (self.params["nlist"],)
-        for value in steps:
-            self.params[name] = value
-            self._apply_search_params()
+        lowest, highest = (16, EF_SEARCH_MAX) if self.kind == "hnsw" else (1, self.params["nlist"])
+        # 1, 1.5, 2, 3, 4, 6, ... x lowest: each step at most 1.5x the work of the one before
+        steps = sorted({round(lowest * f * 2**e) for f in (1, 1.5) for e in range(40)} - {0})
+        for value in [s for s in steps if s < highest] + [highest]:
+            self.set_search_effort(value)
             _, got = self._index.search(queries, k)
             reached = recall(got, want)
             if reached >= recall_target:
                 break
         self.params["tuned_recall@10"] = round(reached, 4)
+
+    def set_search_effort(self, value: int) -> None:
+        """Set the approximate index's search effort (HNSW ``efSearch`` / IVF ``nprobe``, recorded in
+        ``params``): more effort, higher recall, slower searches. The exact index has none."""
+        if self.kind == "exact":
+            raise ValueError("the exact index has no search effort to set")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"search effort must be an integer >= 1; got {value!r}")
+        self.params[SEARCH_PARAMS[self.kind][0]] = int(value)
+        self._apply_search_params()
 
     def _apply_search_params(self) -> None:
         for name in SEARCH_PARAMS[self.kind]:
@@ -219,7 +227,7 @@ def _empty_index(kind: str, tokens: np.ndarray, seed: int) -> tuple[faiss.Index,
     if kind == "hnsw":
         hnsw = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        return hnsw, {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": EF_SEARCH_STEPS[-1]}
+        return hnsw, {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": EF_SEARCH_MAX}
     nlist = max(1, min(n // 39, round(4 * math.sqrt(n))))  # FAISS: 4 to 16 sqrt(N); >= 39 training rows a cell
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
     ivf.cp.seed = seed

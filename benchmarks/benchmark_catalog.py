@@ -76,7 +76,7 @@ def main() -> None:
         _, got = index.search(queries, K)
         rounds = args.exact_rounds if kind == "exact" else 200
         row = {
-            "items": args.items, "dim": args.dim, "kind": index.kind, "params": index.params,
+            "items": args.items, "dim": args.dim, "kind": index.kind, "params": dict(index.params),
             "build_s": round(built_s, 2), "saved_mib": round(saved_mib(index), 1),
             "batch1_ms": round(median_ms(index, queries, 1, rounds), 3),
             "batch16_ms": round(median_ms(index, queries, 16, max(5, rounds // 4)), 3),

@@ -31,7 +31,7 @@ $(VENV)/.base: setup.py
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install -e ".[test,export,text,gguf,lint]"
+	$(PIP) install -e ".[test,export,text,gguf,lint,catalog]"
 	touch $@
 
 # speeder_rt._C (the C++ runtime's binding) compiles against the installed torch: no build

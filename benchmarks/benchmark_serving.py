@@ -20,8 +20,8 @@ not JSON, a shape that does not match its data, float ids, 1/0 masks, a declared
 p99 of the valid requests, outcomes by kind, seconds from the kill until the model is ready again and the requests
 that failed meanwhile (503; a client waits 0.1 s after one), and the RSS of the ``speeder_rt.serve`` process (the
 front), tritonserver and every stub after a warm-up, just before the kill and at the end. Goal: 0 unexpected
-outcomes (a valid request that fails outside the recovery, an invalid one answered other than 4xx), RSS growth <= 5 % after warm-up, recovery
-<= 10 s; the test fails when one is missed (the figures are printed either way).
+outcomes (a valid request that fails outside the recovery, an invalid one answered other than 4xx), RSS growth
+<= 5 % after warm-up, recovery <= 10 s; the test fails when one is missed (the figures are printed either way).
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ and the process's peak RSS at the end. Queries come from the catalog's own law (
 ``speeder_rt.catalog.synthetic``), not isotropic noise; the ANN search effort is tuned to ``--recall-target``
 on ``--tune-queries`` other queries of that law (as a deployment tunes on held-out user states), not on the
 measured ones: the target sits above the 0.95 goal to cover the gap between the two samples. FAISS runs
-``--threads`` OpenMP threads (default 1: on a shared 2-core machine OpenMP's spinning threads measure the other jobs more than the index).
+``--threads`` OpenMP threads (default 1: on a shared 2-core machine OpenMP's spinning threads measure the other
+jobs more than the index).
 
 Run: ``python benchmarks/benchmark_catalog.py --items 1000000`` (``--dim 64``; ``--kinds exact,hnsw,ivf``);
 one JSON line per kind on stdout, a Markdown row each on stderr.

@@ -26,7 +26,7 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m speeder_rt.data", description=__doc__.split("\n\n")[1])
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="split a source once and write it for runs to reuse")
@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--kcore", type=int, default=0)
     prep.add_argument("--seed", type=int, default=0, help="the split's seed (a run's data.split.seed: its seed)")
     prep.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
         split = SplitConfig(history_len=args.history_len, num_candidates=args.num_candidates,

@@ -9,7 +9,7 @@ from bad_requests import NUM_ITEMS, RANGES, TOPK, contract_model
 from safetensors.numpy import load_file, save_file
 
 from speeder_rt.data import ItemTable, SyntheticConfig, generate_synthetic
-from speeder_rt.export import ExportError, ParityError, export_checkpoint, export_model
+from speeder_rt.export.exporter import ExportError, ParityError, export_checkpoint, export_model
 from speeder_rt.export.graph import check_parity, non_finite
 from speeder_rt.model import BackboneConfig, SpeederConfig, SpeederModel
 from speeder_rt.runtime import Recommender, TorchRunner

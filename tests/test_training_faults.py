@@ -20,11 +20,12 @@ from safetensors.torch import load_file, save_file
 from test_distributed import assert_same_checkpoint
 from test_model import one_thread, tiny_run  # noqa: F401  (one_thread: a fixture)
 
-from speeder_rt.model.pretrained import load_model_dir, read_resume_state
 from speeder_rt.train import __main__ as cli
 from speeder_rt.train.config import run_config_from_dict
 from speeder_rt.train.data import prepare
 from speeder_rt.train.faults import Diverged
+from speeder_rt.train.kinds import load_model
+from speeder_rt.train.resume import read_resume_state
 from speeder_rt.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def test_divergence_stops_at_the_step_in_one_line_and_every_checkpoint_stays_fin
     assert read_resume_state(last).progress["global_step"] == int(saved)
     assert sorted(os.listdir(tmp_path / "run" / "speeder")) == ["best", "last"]  # nothing half-written
     for name in ("best", "last"):
-        load_model_dir(tmp_path / "run" / "speeder" / name)  # refuses a non-finite weight
+        load_model(tmp_path / "run" / "speeder" / name)  # refuses a non-finite weight
 
 
 def test_a_checkpoint_of_non_finite_weights_is_never_written(tmp_path):

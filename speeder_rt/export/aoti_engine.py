@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from speeder_rt.export.format import Ranges
+from speeder_rt.export.module_runner import ModuleRunner
 
 
 def export_aoti(graph: nn.Module, args: tuple[torch.Tensor, ...], ranges: Ranges, topk: bool, path: Path) -> None:
@@ -24,27 +24,11 @@ def export_aoti(graph: nn.Module, args: tuple[torch.Tensor, ...], ranges: Ranges
     torch._inductor.aoti_compile_and_package(program, package_path=str(path))
 
 
-class AotiRunner:
+class AotiRunner(ModuleRunner):
     """The AOTInductor packages, loaded; inputs are moved to the package's device."""
 
     def __init__(self, scores_path: Path, topk_path: Path | None, topk_k: int, device: str = "cpu") -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"this AOTInductor package was compiled for {device}; no CUDA device is available here")
-        self.device = torch.device(device)
-        self.topk_k = topk_k
-        self._scores = torch._inductor.aoti_load_package(str(scores_path))
-        self._topk = torch._inductor.aoti_load_package(str(topk_path)) if topk_path is not None else None
-
-    def _to(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        return [torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays]
-
-    @torch.no_grad()
-    def scores(self, history_ids: np.ndarray, history_mask: np.ndarray, candidate_ids: np.ndarray) -> np.ndarray:
-        return self._scores(*self._to(history_ids, history_mask, candidate_ids)).cpu().numpy()
-
-    @torch.no_grad()
-    def topk(self, history_ids: np.ndarray, history_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self._topk is None:
-            raise ValueError("this artifact was exported without a top-k graph (--topk 0)")
-        ids, scores = self._topk(*self._to(history_ids, history_mask))
-        return ids.cpu().numpy(), scores.cpu().numpy()
+        topk = torch._inductor.aoti_load_package(str(topk_path)) if topk_path is not None else None
+        super().__init__(torch._inductor.aoti_load_package(str(scores_path)), topk, topk_k, device)

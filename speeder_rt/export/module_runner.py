@@ -1,0 +1,37 @@
+"""``ModuleRunner``: the ``Runner`` protocol over two callables on torch tensors, the scoring graph and the optional
+top-k graph (numpy in, numpy out). The eager PyTorch runner and the AOTInductor packages are both this."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class ModuleRunner:
+    """``scores`` and ``topk`` of the graphs ``scores_graph`` / ``topk_graph`` (None: no top-k graph), each called
+    with its inputs as tensors on ``device``."""
+
+    no_topk = "this artifact was exported without a top-k graph (--topk 0)"  # the error of ``topk`` without one
+
+    def __init__(self, scores_graph: Callable[..., Any], topk_graph: Callable[..., Any] | None, topk_k: int,
+                 device: str | torch.device) -> None:
+        self.device = torch.device(device)
+        self.topk_k = topk_k
+        self._scores = scores_graph
+        self._topk = topk_graph
+
+    def _to(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays]
+
+    @torch.no_grad()
+    def scores(self, history_ids: np.ndarray, history_mask: np.ndarray, candidate_ids: np.ndarray) -> np.ndarray:
+        return self._scores(*self._to(history_ids, history_mask, candidate_ids)).cpu().numpy()
+
+    @torch.no_grad()
+    def topk(self, history_ids: np.ndarray, history_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._topk is None:
+            raise ValueError(self.no_topk)
+        ids, scores = self._topk(*self._to(history_ids, history_mask))
+        return ids.cpu().numpy(), scores.cpu().numpy()

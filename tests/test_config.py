@@ -107,7 +107,8 @@ CASES = [
      "model.template: fixed_ids reach 600, beyond backbone.vocab_size 512"),
     ({"train": {"lr": 0.1}},
      "train: unknown key 'lr'; allowed: batch_size, grad_accumulation, parallel, eval_batch_size, weight_decay, "
-     "grad_clip, max_train_samples_per_epoch, checkpoint_every, device, progress, num_threads, deterministic"),
+     "grad_clip, max_train_samples_per_epoch, checkpoint_every, device, progress, num_threads, deterministic, "
+     "autocast, max_step_seconds"),
     ({"train": {"device": "gpu"}}, "train.device: 'gpu' is not auto or a torch device (cpu, cuda, cuda:1)"),
     ({"train": {"grad_clip": 0}}, "train.grad_clip: expected a number > 0, got 0"),
     ({"train": {"weight_decay": float("nan")}}, "train.weight_decay: expected a number >= 0, got nan"),

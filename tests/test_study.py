@@ -99,9 +99,11 @@ def test_the_table_has_every_row_and_column_as_mean_and_std(study):
         for cell in cells[1:5]:  # HR@1, HR@5, NDCG@10, MRR
             assert re.fullmatch(r"[01]\.\d{4} ± \d\.\d{4}", cell), (label, cell)
         assert re.fullmatch(r"\d+\.\d ± \d+\.\d", cells[5]), (label, cells[5])
-        assert cells[6] == str(len(SEEDS))
+        trained_here = label not in ("SASRec", "popularity", "random")  # SASRec's steps are not timed one by one
+        assert re.fullmatch(r"\d\.\d{4} ± \d\.\d{4}" if trained_here else "n/a", cells[6]), (label, cells[6])
+        assert cells[7] == str(len(SEEDS))
         if label != "Speeder (full)":
-            assert re.fullmatch(r"HR@1 [+-]\d\.\d{4}, NDCG@10 [+-]\d\.\d{4} vs full.*", cells[7]), cells[7]
+            assert re.fullmatch(r"HR@1 [+-]\d\.\d{4}, NDCG@10 [+-]\d\.\d{4} vs full.*", cells[8]), cells[8]
     for label in LABELS[1:7]:  # a finding for every ablated row: helps / does not help / helps on ... only
         assert re.search(rf"^- .* (helps?|do(es)? not help on this data|helps? on .+ only) \({re.escape(label)} is "
                          rf".*\): HR@1 .* vs full .*; NDCG@10 .* vs full .*\.$", text, re.M), label

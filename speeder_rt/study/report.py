@@ -20,8 +20,8 @@ from speeder_rt.utils.io import atomic_path
 
 METRICS = ("HR@1", "HR@5", "NDCG@10", "MRR")
 VERDICT_METRICS = ("HR@1", "NDCG@10")
-COLUMNS = (*METRICS, "train_s")
-HEADERS = {"train_s": "train s"}
+COLUMNS = (*METRICS, "train_s", "step_s")
+HEADERS = {"train_s": "train s", "step_s": "s / step"}
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,47 @@ def stat(values: list[float]) -> Stat:
     return Stat(mean, std, n)
 
 
+def seconds_per_step(run: Mapping[str, Any]) -> float | None:
+    """A run's mean optimizer-step seconds (None for a run recorded without ``step_s``, or with no step)."""
+    return run["step_s"] / run["steps"] if run.get("step_s") and run["steps"] else None
+
+
 def summarize(runs: list[Mapping[str, Any]], rows: list[Row], seeds: list[int]) -> dict[str, dict[str, Stat]]:
-    """Row id -> column -> Stat over the seeds that finished (rows with no finished seed are left out)."""
+    """Row id -> column -> Stat over the seeds that finished (rows with no finished seed are left out, and so is
+    the text-item row, whose metrics are the equal-compute table's; a column no run recorded is left out)."""
     out = {}
     for row in rows:
         done = [r for r in runs if r["row"] == row.id and r["seed"] in seeds]
-        if done:
-            values = {c: [r["train_s"] if c == "train_s" else r["metrics"][c] for r in done] for c in COLUMNS}
-            out[row.id] = {c: stat(v) for c, v in values.items()}
+        if done and row.kind != "text_item":
+            values = {c: [r["train_s"] if c == "train_s" else seconds_per_step(r) if c == "step_s" else r["metrics"][c]
+                          for r in done] for c in COLUMNS}
+            out[row.id] = {c: stat(v) for c, v in values.items() if None not in v}
     return out
+
+
+def equal_compute(runs: list[Mapping[str, Any]], seeds: list[int]) -> list[str]:
+    """The text-item baseline against full Speeder on the same test users, trained for the same step seconds:
+    a Markdown table (empty when the text-item row has no recorded run)."""
+    text = [r for r in runs if r["row"] == "text_item" and r["seed"] in seeds]
+    if not text:
+        return []
+    full = [r for r in runs if r["row"] == "full" and r["seed"] in {t["seed"] for t in text}]
+    lines = ["", "## Equal compute: full Speeder vs the text-item LLM", "",
+             "Both on the same seeded test users (`text_baseline.eval_limit`); the text-item row trained until its "
+             "optimizer steps took as long as full Speeder's of the same seed. Speeder's HR@1 is its VHR@1 (it always "
+             "names a candidate).", "",
+             "| row | users | VHR@1 | valid ratio | samples trained | step s | s / step | seeds |", "|---|" + "---:|" * 7]
+    for label, done in (("Speeder (full)", full), ("text-item LLM", text)):
+        if not done:
+            continue
+        subset = [r["subset_metrics"] for r in done]
+        vhr = stat([m.get("VHR@1", m.get("HR@1")) for m in subset])
+        valid = stat([m.get("valid_ratio", 1.0) for m in subset])
+        users = sorted({r["subset_users"] for r in done})
+        cells = [", ".join(map(str, users)), str(vhr), str(valid), stat([r["samples"] for r in done]).seconds(),
+                 stat([r["step_s"] for r in done]).seconds(), str(stat([seconds_per_step(r) or 0.0 for r in done]))]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(done)} |")
+    return lines
 
 
 def compare(full: Mapping[str, Stat], row: Mapping[str, Stat]) -> dict[str, tuple[float, bool, bool]]:
@@ -129,11 +161,12 @@ def markdown(rows: list[Row], summary: Mapping[str, Mapping[str, Stat]], results
         if full is not None and row.id != "full":
             note, sentence = verdict(row, full, stats)
             findings.append(f"- {sentence}")
-        cells = [stats[c].seconds() if c == "train_s" else str(stats[c]) for c in COLUMNS]
+        cells = [("n/a" if c not in stats else stats[c].seconds() if c == "train_s" else str(stats[c])) for c in COLUMNS]
         lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {stats['HR@1'].n} | {note} |")
     if findings:
         lines += ["", "Findings (beyond the spread: the difference of the means exceeds the larger std of the two "
                       "rows):", "", *findings]
+    lines += equal_compute(results["runs"], seeds)
     if same_as:
         lines += ["", "Not run separately: " + "; ".join(f"{r} (the same run as {labels.get(s, s)})"
                                                          for r, s in same_as.items()) + "."]

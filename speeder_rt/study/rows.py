@@ -10,6 +10,15 @@
 - ``mpo_off``: one MPO stage over every modality from the first step, its epochs the sum of the schedule's,
   the first stage's learning rate and every module set any stage trains.
 
+With a pretrained backbone (``model.backbone.gguf_file`` or ``pretrained``) two rows more:
+
+- ``backbone_tiny``: the tiny random-init backbone (``shape: tiny``, full fine-tune: each stage's ``lora`` becomes
+  ``backbone``) trained on exactly the same samples, epochs, batches and learning rates;
+- ``text_item``: the text-item baseline (LLaRA-style: titles in the prompt, the target's title generated) on the
+  same backbone and LoRA, trained until its optimizer steps took as long as the ``full`` row's of the same seed
+  (``train.max_step_seconds``, set when the row runs); evaluated on ``text_baseline.eval_limit`` seeded test
+  users (``eval_subset``), where every Speeder row is evaluated too.
+
 ``sasrec``, ``popularity`` and ``random`` are the baselines (SASRec with the config's ``data.sasrec``). A row
 whose run would be the same as an earlier row's (e.g. ``mpo_off`` of a one-stage schedule) is left out and
 named in ``StudyRows.same_as``.
@@ -27,7 +36,7 @@ from speeder_rt.model.mpo import MPOStage, default_schedule
 from speeder_rt.train.config import RunConfig, run_config_from_dict
 from speeder_rt.train.kinds import SPEEDER
 
-Kind = Literal["speeder", "sasrec", "popularity", "random"]
+Kind = Literal["speeder", "text_item", "sasrec", "popularity", "random"]
 SPAE_ROWS = ("full", "spae_off", "recency_off", "spae_recency_off")  # the long-history study's Speeder rows
 BASELINE_ROWS = ("sasrec", "popularity", "random")
 
@@ -141,6 +150,19 @@ def all_rows(base: RunConfig) -> list[Row]:
             "the relative bias and the recency table together"),
         Row("mpo_off", "MPO off (all modalities at once)", "speeder", {"mpo": _mpo([single_stage(stages, modalities)])},
             "progressive modality training (MPO)"),
+    ]
+    backbone = base.model.backbone
+    if backbone.gguf_file is not None or backbone.pretrained is not None:
+        tiny = {"shape": "tiny", "gguf_file": None, "pretrained": None, "lora": None, "dtype": "float32"}
+        tiny_stages = [dataclasses.replace(s, trainable=["backbone" if t == "lora" else t for t in s.trainable])
+                       for s in stages]
+        rows += [
+            Row("backbone_tiny", "tiny random-init backbone", "speeder", {"model": {"backbone": tiny},
+                                                                           "mpo": _mpo(tiny_stages)},
+                "the pretrained backbone (replaced by the tiny random-init one)"),
+            Row("text_item", "text-item LLM (equal step time)", "text_item", removes="the item token"),
+        ]
+    rows += [
         Row("sasrec", "SASRec", "sasrec"),
         Row("popularity", "popularity", "popularity"),
         Row("random", "random", "random"),
@@ -155,9 +177,10 @@ def history_overrides(base: RunConfig, history_len: int) -> dict[str, Any]:
 
 
 def run_key(cfg: RunConfig, kind: Kind) -> dict[str, Any]:
-    """What a run's result depends on: the whole config for Speeder (less its directory and progress bars),
+    """What a run's result depends on: the whole config for Speeder and the text-item baseline (less its directory
+    and progress bars),
     the data recipe and seed for a baseline (the item table's cache key)."""
-    if kind != SPEEDER.name:
+    if kind not in (SPEEDER.name, "text_item"):
         return {"data": cfg.data.identity(), "seed": cfg.seed}
     raw = cfg.to_dict()
     raw["data"] = cfg.data.identity()

@@ -18,6 +18,7 @@ own process alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import multiprocessing
 import os
@@ -29,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from safetensors.torch import save_file
 
 from speeder_rt.baselines.sasrec import SASRec, train_sasrec
@@ -39,13 +41,15 @@ from speeder_rt.model.pretrained import load_weights
 from speeder_rt.study.rows import FULL, Row, StudyRows, history_overrides, merged, row_config, run_key, study_rows
 from speeder_rt.train.config import RunConfig, run_config_from_dict
 from speeder_rt.train.data import item_table, load_sequences
-from speeder_rt.train.kinds import SPEEDER
+from speeder_rt.train.kinds import SPEEDER, TEXT_BASELINE
+from speeder_rt.train.resume import has_resume_state
 from speeder_rt.train.trainer import Trainer
 from speeder_rt.utils.io import atomic_dir, write_json
 from speeder_rt.utils.progress import progress_bar
 from speeder_rt.utils.readers import differences, read_json, read_json_fields, read_safetensors
 
 FORMAT_VERSION = 1
+TEXT_ITEM = "text_item"  # the row kind of the text-item baseline (``rows.all_rows``)
 RESULTS = "results.json"
 RUN_FIELDS = ("row", "seed", "kind", "metrics", "train_s", "steps", "loss_first", "loss_last", "config")
 SASREC_WEIGHTS, SASREC_FACTS = "model.safetensors", "sasrec.json"
@@ -62,13 +66,31 @@ class Study:
     selection: StudyRows
     seeds: list[int]
     out: Path
+    step_budgets: dict[int, float] = dataclasses.field(default_factory=dict)  # seed -> the full row's step seconds
 
     @property
     def rows(self) -> list[Row]:
         return self.selection.rows
 
     def config(self, row: Row, seed: int, out_dir: Path | None = None) -> RunConfig:
-        return row_config(self.raw, row, seed, out_dir or self.seed_dir(seed) / row.id, self.where, self.extra)
+        """The row's run config; the text-item row's with ``train.max_step_seconds`` = the full row's step
+        seconds for ``seed`` once that run is recorded (``budgets_from``)."""
+        extra = self.extra
+        if row.kind == TEXT_ITEM and seed in self.step_budgets:
+            extra = merged(extra, {"train": {"max_step_seconds": self.step_budgets[seed]}})
+        return row_config(self.raw, row, seed, out_dir or self.seed_dir(seed) / row.id, self.where, extra)
+
+    def budgets_from(self, results: Mapping[str, Any]) -> None:
+        """The text-item row's step-time budgets: the recorded full rows' ``step_s``, per seed."""
+        self.step_budgets = {r["seed"]: r["step_s"] for r in results["runs"] if r["row"] == FULL.id and r.get("step_s")}
+
+    def text_item_key(self, seed: int) -> dict[str, Any]:
+        """The text-item row's run key for ``seed``, which needs the full row of that seed recorded first."""
+        if seed not in self.step_budgets:
+            raise ValueError(f"study row {TEXT_ITEM}, seed {seed}: its budget is the step time of the full row of the "
+                             f"same seed, which is not recorded; run the full row too (--rows full,{TEXT_ITEM})")
+        row = next(r for r in self.rows if r.kind == TEXT_ITEM)
+        return run_key(self.config(row, seed), row.kind)
 
     def seed_dir(self, seed: int) -> Path:
         return self.out / f"seed{seed}"
@@ -175,14 +197,52 @@ def shared_sasrec(directory: Path, data: SequenceData, cfg: RunConfig, log: Log)
 
 
 def train_speeder(cfg: RunConfig, data: SequenceData, table: ItemTable, log: Log) -> dict[str, Any]:
-    """Train a Speeder row; its metrics at the best validation checkpoint."""
+    """Train a Speeder row (continuing from its ``last/`` checkpoint when an interrupted study left one: set
+    ``train.checkpoint_every`` for long rows); its metrics at the best validation checkpoint. ``train_s``: the
+    run's wall seconds (steps, validation, checkpoints) and ``step_s``: its optimizer steps' seconds, both summed
+    over every invocation that trained it."""
     trainer = Trainer(SPEEDER.name, cfg, data, table, log=log)
-    start = time.perf_counter()
+    if has_resume_state(trainer.out / "last"):
+        trainer.resume(trainer.out / "last")
     trainer.run()
-    train_s = time.perf_counter() - start
     load_weights(trainer.model, trainer.out / "best")
     metrics = evaluate(trainer.model, data, "test", batch_size=cfg.train.eval_batch_size)
-    return {"metrics": metrics, "train_s": train_s, **loss_summary(trainer.step_losses)}
+    users = eval_subset(data, cfg)
+    subset = metrics if users is data else evaluate(trainer.model, users, "test", batch_size=cfg.train.eval_batch_size)
+    return {"metrics": metrics, "subset_metrics": subset, "subset_users": len(users.test), **trained(trainer)}
+
+
+def train_text_item(cfg: RunConfig, data: SequenceData, table: ItemTable, log: Log) -> dict[str, Any]:
+    """Train the text-item baseline (to its ``train.max_step_seconds`` when the study set one, resuming like
+    ``train_speeder``); VHR@1 at its best validation checkpoint on the seeded test users of ``eval_subset``."""
+    trainer = Trainer(TEXT_BASELINE.name, cfg, data, table, log=log)
+    if has_resume_state(trainer.out / "last"):
+        trainer.resume(trainer.out / "last")
+    trainer.run()
+    load_weights(trainer.model, trainer.out / "best")
+    users = eval_subset(data, cfg)
+    metrics = trainer.model.evaluate(users, "test", progress=cfg.train.progress)
+    return {"metrics": {}, "subset_metrics": metrics, "subset_users": len(users.test), **trained(trainer)}
+
+
+def trained(trainer: Trainer) -> dict[str, Any]:
+    """A finished run's training facts: ``train_s`` (wall seconds of its steps, validation and checkpoints) and
+    ``step_s`` (its optimizer steps' seconds), both summed over every invocation that trained it; ``samples``
+    (training samples it stepped over, warm-up steps included) and the loss summary."""
+    p = trainer.progress
+    samples = trainer.cfg.train.batch_size * len(trainer.step_losses)
+    return {"train_s": p.run_seconds, "step_s": p.step_seconds, "samples": samples, **loss_summary(trainer.step_losses)}
+
+
+def eval_subset(data: SequenceData, cfg: RunConfig) -> SequenceData:
+    """``data`` with its test split reduced to ``text_baseline.eval_limit`` users drawn with the run's seed (sorted;
+    all users when the limit is None or not below their count): the text-item row's test users, on which every
+    Speeder row is evaluated too."""
+    limit, users = cfg.text_baseline.eval_limit, len(data.test)
+    if limit is None or limit >= users:
+        return data
+    rows = np.sort(np.random.default_rng(cfg.seed).choice(users, limit, replace=False))
+    return dataclasses.replace(data, test=data.test.subset(rows))
 
 
 @dataclass
@@ -220,9 +280,10 @@ def seed_inputs(study: Study, seed: int, kinds: frozenset[str], log: Log, bars: 
     synthetic_table, data = load_sequences(seed_cfg)
     collab = "collab" in seed_cfg.model.modalities and seed_cfg.data.collab_features
     sasrec = facts = None
-    if "sasrec" in kinds or (SPEEDER.name in kinds and collab):
+    needs_table = bool(kinds & {SPEEDER.name, TEXT_ITEM})  # the text-item row reads the table's titles
+    if "sasrec" in kinds or (needs_table and collab):
         sasrec, facts = shared_sasrec(study.seed_dir(seed) / "sasrec", data, seed_cfg, log)
-    table = item_table(seed_cfg, data, synthetic_table, sasrec=sasrec, log=log) if SPEEDER.name in kinds else None
+    table = item_table(seed_cfg, data, synthetic_table, sasrec=sasrec, log=log) if needs_table else None
     _held.clear()
     _held[key] = SeedInputs(data, table, sasrec, facts)
     return _held[key]
@@ -232,10 +293,11 @@ def run_row(study: Study, row: Row, seed: int, kinds: frozenset[str], log: Log, 
             ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the outcome of ``row`` for ``seed``, the protocol facts); ``bars``: the trainer's own progress bars."""
     inputs = seed_inputs(study, seed, kinds, log, bars)
-    if row.trains_speeder:
+    if row.trains_speeder or row.kind == TEXT_ITEM:
         cfg = study.config(row, seed)
         cfg.train.progress = cfg.train.progress and bars
-        outcome = train_speeder(cfg, inputs.data, inputs.table, log)
+        train = train_speeder if row.trains_speeder else train_text_item
+        outcome = train(cfg, inputs.data, inputs.table, log)
     elif row.kind == "sasrec":
         outcome = {"metrics": evaluate(inputs.sasrec, inputs.data, "test"),
                    **{k: inputs.facts[k] for k in ("train_s", "steps", "loss_first", "loss_last", "loss_window")}}
@@ -260,15 +322,19 @@ def run_study(study: Study, log: Log = print, progress: bool = True, jobs: int =
     out = study.out
     with exclusive(out), _holding():
         results = read_results(out)
+        study.budgets_from(results)
         todo = []
         for seed in study.seeds:
             for row in study.rows:
-                key = run_key(study.config(row, seed), row.kind)
+                key = run_key(study.config(row, seed), row.kind)  # the text-item row's: final once its budget is known
                 recorded = find_run(results, row.id, seed)
                 if recorded is not None:
-                    check_recorded(out, recorded, key)
+                    check_recorded(out, recorded, study.text_item_key(seed) if row.kind == TEXT_ITEM else key)
                 else:
                     todo.append((row, seed, key))
+        if jobs > 1 and any(row.kind == TEXT_ITEM for row, _, _ in todo):
+            raise ValueError(f"--jobs {jobs}: the {TEXT_ITEM} row runs with --jobs 1 (its budget is the full row's "
+                             "step time, measured on the same core with nothing else training)")
         kinds = {seed: frozenset(row.kind for row, s, _ in todo if s == seed) for seed in study.seeds}
         total = len(study.rows) * len(study.seeds)
         start = time.perf_counter()
@@ -281,14 +347,19 @@ def run_study(study: Study, log: Log = print, progress: bool = True, jobs: int =
                 results["runs"].append(_record(row, seed, key, outcome))
                 results["protocol"] = facts
                 write_json(out / RESULTS, results)
-                say(f"{row.label}, seed {seed}: test HR@1 {outcome['metrics']['HR@1']:.4f}  NDCG@10 "
-                    f"{outcome['metrics']['NDCG@10']:.4f}  ({outcome['train_s']:.1f}s of training)")
+                metrics = outcome["metrics"]
+                scores = (f"test HR@1 {metrics['HR@1']:.4f}  NDCG@10 {metrics['NDCG@10']:.4f}" if metrics else
+                          f"test VHR@1 {outcome['subset_metrics']['VHR@1']:.4f} on {outcome['subset_users']} users")
+                say(f"{row.label}, seed {seed}: {scores}  ({outcome['train_s']:.1f}s of training)")
                 bar.update(1)
 
             bar.update(total - len(todo))
             if jobs == 1:
                 for row, seed, key in todo:
                     bar.set_postfix_str(f"{row.id}, seed {seed}")
+                    if row.kind == TEXT_ITEM:
+                        study.budgets_from(results)
+                        key = study.text_item_key(seed)
                     record(row, seed, key, *run_row(study, row, seed, kinds[seed], say))
             elif todo:
                 _run_parallel(study, todo, kinds, jobs, record, say)

@@ -84,6 +84,8 @@ class TrainConfig:
     progress: bool = True  # progress bars (SASRec, features, training, generation)
     num_threads: PositiveInt | None = None  # torch intra-op threads of the process (None: torch's default)
     deterministic: bool = False  # Triton kernels: one fixed config per shape, fixed summation order (bitwise runs)
+    autocast: Literal["none", "bf16"] = "none"  # training forward in bf16 (torch.autocast); weights, optimizer, eval fp32
+    max_step_seconds: PositiveFloat | None = None  # end the run once its optimizer steps took this long (equal compute)
 
     def __post_init__(self) -> None:
         check(self)

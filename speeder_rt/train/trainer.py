@@ -82,6 +82,8 @@ class Progress:
     step_in_epoch: int = 0
     global_step: int = 0
     best_metric: float = float("-inf")
+    step_seconds: float = 0.0  # wall seconds inside optimizer steps (forward, backward, update), over every resume
+    run_seconds: float = 0.0  # wall seconds of run() (steps, validation, checkpoints), over every resume
 
 
 def recorded_config(cfg: RunConfig) -> dict[str, Any]:
@@ -156,6 +158,7 @@ class Trainer:
         self.stop_request = StopRequest()  # the train CLI installs its signal handlers around run()
         self.stop_signal = 0  # the stop signal every rank agreed on after the last step (0: none)
         self.last_saved: int | None = None  # the global step last/ holds (None: none written or resumed from)
+        self._clock: float | None = None  # run(): the perf_counter up to which progress.run_seconds counts
 
     @property
     def complete(self) -> bool:
@@ -203,13 +206,17 @@ class Trainer:
         resume = None
         if name == "last":
             p = self.progress
+            now = time.perf_counter()
+            if self._clock is not None:  # run() is running: the seconds since the last mark
+                p.run_seconds += now - self._clock
+                self._clock = now
             progress = {**dataclasses.asdict(p), "best_metric": p.best_metric if math.isfinite(p.best_metric) else None}
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng.update((f"cuda:{i}", s) for i, s in enumerate(torch.cuda.get_rng_state_all()))
             rng.update(gather_rank_rng(self.world))
             facts = {"last_valid": self.last_metrics, "intra_op_threads": torch.get_num_threads(),
-                     "world_size": self.world.size}
+                     "world_size": self.world.size, "step_losses": self.step_losses}
             resume = ResumeState(progress, self.parallel.optimizer_state(self.optimizer), self.scheduler.state_dict(),
                                  rng, facts)
         path = self.out / name
@@ -270,6 +277,7 @@ class Trainer:
         progress["best_metric"] = float("-inf") if progress.get("best_metric") is None else progress["best_metric"]
         self.progress = Progress(**progress)
         self.last_metrics = dict(state.facts.get("last_valid") or {})
+        self.step_losses = [float(v) for v in state.facts.get("step_losses") or []]
         p = self.progress
         if p.phase > len(self.phases):
             raise ValueError(f"{path}: checkpointed in phase {p.phase}; this run's schedule has {len(self.phases)} phases")
@@ -328,7 +336,8 @@ class Trainer:
         batch = samples.subset(idx)  # the batch's history windows are gathered here, never the whole split's
         to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         label = self.model_kind.labels(batch)
-        return self.parallel.loss(to(batch.history), to(batch.history_len), to(batch.candidates), to(label))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.autocast == "bf16"):
+            return self.parallel.loss(to(batch.history), to(batch.history_len), to(batch.candidates), to(label))
 
     def _loss_terms(self, samples, batch: np.ndarray) -> np.ndarray:
         """Per sample of ``batch``, the terms its loss averages over (the kind's ``loss_terms``)."""
@@ -390,15 +399,17 @@ class Trainer:
         return self.model_kind.validate(self.parallel.eval_model(), self.data, self.cfg, self.world)
 
     def run(self, stop_after_steps: int | None = None) -> dict[str, float]:
-        """Train to the end (or stop right after checkpointing at global step ``stop_after_steps``)."""
+        """Train to the end (or stop right after checkpointing at global step ``stop_after_steps``). With
+        ``train.max_step_seconds`` the run ends after the step that spends that budget: validated, ``best/`` and
+        ``last/`` written, and complete."""
         start = time.perf_counter()
-        metric_name = self.model_kind.metric
+        self._clock = start
         p = self.progress
         if self.complete:
             return self.last_metrics
         if self.optimizer is None:
             self._start_phase(p.phase)
-        while p.phase < len(self.phases):
+        while p.phase < len(self.phases) and not self._budget_spent():
             phase = self.phases[p.phase]
             self.model.train()
             n_epochs = phase.epochs if phase.name == "main" else math.inf
@@ -408,9 +419,11 @@ class Trainer:
                            disable=not (self.cfg.train.progress and self.world.is_main),
                            desc=f"{self.kind} {phase.name} stage {phase.stage} epoch {p.epoch}", leave=False)
                 tic, seen = time.perf_counter(), 0
-                while p.step_in_epoch < len(batches) and not self._warmup_done(phase):
+                while p.step_in_epoch < len(batches) and not self._warmup_done(phase) and not self._budget_spent():
                     idx = batches[p.step_in_epoch]
+                    step_start = time.perf_counter()
                     loss = self.train_step(samples, idx)
+                    p.step_seconds += time.perf_counter() - step_start
                     p.step_in_epoch += 1
                     p.global_step += 1
                     seen += len(idx)  # the global batch: samples/s over all ranks
@@ -426,24 +439,43 @@ class Trainer:
                         bar.close()
                         self._preempt()
                 bar.close()
+                if self._budget_spent():
+                    break
                 if phase.name == "warmup":
                     if self._warmup_done(phase):
                         break
                     p.epoch, p.step_in_epoch = p.epoch + 1, 0
                     continue
                 p.epoch, p.step_in_epoch = p.epoch + 1, 0
-                self.last_metrics = self.validate()
-                self.log(f"{self.kind} stage {phase.stage} ({'+'.join(phase.modalities) or 'text'}) epoch {p.epoch}: "
-                         f"valid {metric_name} {self.last_metrics[metric_name]:.4f}  ({time.perf_counter() - start:.1f}s)")
-                if self.last_metrics[metric_name] > p.best_metric:
-                    p.best_metric = self.last_metrics[metric_name]
-                    self.save("best")
-                self.save("last")
+                self._validate_and_keep(start)
+            if self._budget_spent():
+                break
             p.phase, p.epoch, p.step_in_epoch = p.phase + 1, 0, 0
             if p.phase < len(self.phases):
                 self._start_phase(p.phase)
+        if self._budget_spent() and not self.complete:
+            self.log(f"{self.kind}: train.max_step_seconds {self.cfg.train.max_step_seconds:g} spent after "
+                     f"{p.global_step} steps ({p.step_seconds:.1f}s of steps); the run ends here")
+            if p.step_in_epoch:  # the budget ended an epoch early: validate what was trained
+                self._validate_and_keep(start)
+            p.phase, p.epoch, p.step_in_epoch = len(self.phases), 0, 0
         self.save("last")
         return self.last_metrics
+
+    def _validate_and_keep(self, start: float) -> None:
+        """Validate; write ``best/`` when the metric improved, and ``last/``."""
+        p, phase, metric_name = self.progress, self.phases[self.progress.phase], self.model_kind.metric
+        self.last_metrics = self.validate()
+        self.log(f"{self.kind} stage {phase.stage} ({'+'.join(phase.modalities) or 'text'}) epoch {p.epoch}: "
+                 f"valid {metric_name} {self.last_metrics[metric_name]:.4f}  ({time.perf_counter() - start:.1f}s)")
+        if self.last_metrics[metric_name] > p.best_metric:
+            p.best_metric = self.last_metrics[metric_name]
+            self.save("best")
+        self.save("last")
+
+    def _budget_spent(self) -> bool:
+        budget = self.cfg.train.max_step_seconds
+        return budget is not None and self.progress.step_seconds >= budget
 
     def _preempt(self) -> None:
         """Write last/ at the step just taken (unless checkpoint_every just did) and raise ``Preempted``."""

@@ -245,21 +245,16 @@ def extended_table(table: ItemTable, new: NewItems, source: str, computed_text: 
     return out
 
 
-def _model_modalities(model_dir: Path) -> tuple[Any, list[str]]:
-    config = read_model_config(model_dir, SpeederModel.model_kind)
-    cfg = model_config(SpeederModel, config, model_dir)
-    return cfg, list(cfg.modalities)
-
-
-def _checked(model_dir: Path, records: Iterable[tuple[int, Any]], source: str) -> tuple[ItemTable, NewItems, bool]:
-    """(the model's table, the new items with every feature filled, whether text was computed for every new
-    text row)."""
-    _, modalities = _model_modalities(model_dir)
+def _checked(model_dir: Path, records: Iterable[tuple[int, Any]], source: str
+             ) -> tuple[Any, ItemTable, NewItems, bool]:
+    """(the model's SpeederConfig, its table, the new items with every feature filled, whether text was computed
+    for every new text row)."""
+    cfg = model_config(SpeederModel, read_model_config(model_dir, SpeederModel.model_kind), model_dir)
     table = ItemTable.load(model_dir / ITEMS)
-    new, to_encode = check_records(records, table, modalities, source)
+    new, to_encode = check_records(records, table, list(cfg.modalities), source)
     explicit_text = "text" in table.modalities and bool(new.available["text"].any())
     encode_missing_text(new, to_encode)
-    return table, new, not explicit_text
+    return cfg, table, new, not explicit_text
 
 
 # -- the public API ---------------------------------------------------------------------------------------------
@@ -271,7 +266,7 @@ def add_items(model_dir: str | os.PathLike, jsonl_path: str | os.PathLike,
     ``model_dir/items`` replaced in place. Nothing is written unless every line is valid."""
     model_dir = Path(model_dir)
     records = read_jsonl(jsonl_path)
-    table, new, computed_text = _checked(model_dir, records, str(jsonl_path))
+    _, table, new, computed_text = _checked(model_dir, records, str(jsonl_path))
     extended = extended_table(table, new, str(jsonl_path), computed_text)
     if out_dir is None or Path(out_dir).resolve() == model_dir.resolve():
         extended.save(model_dir / ITEMS)
@@ -298,8 +293,8 @@ def item_tokens_for(model_dir: str | os.PathLike, records: list[Mapping[str, Any
     table: a key it holds is refused). Only the MoME is built (no backbone); computed on the CPU with the
     PyTorch reference path, as ``SpeederModel.item_tokens`` computes them there."""
     model_dir = Path(model_dir)
-    table, new, _ = _checked(model_dir, enumerate(records, start=1), "<records>")
-    cfg, modalities = _model_modalities(model_dir)
+    cfg, table, new, _ = _checked(model_dir, enumerate(records, start=1), "<records>")
+    modalities = list(cfg.modalities)
     mome, enabled = _trained_mome(model_dir, cfg, {m: table.width(m) for m in modalities})
     # CPU GEMMs of fewer than 4 rows take another kernel (another summation order): pad so that a row's token is
     # bit for bit the one a whole table's computation gives

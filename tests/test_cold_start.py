@@ -99,6 +99,28 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert "| Speeder text-only |" in text and "| SASRec | 0.0000 | 0.0000 |" in text
     assert "python -m speeder_rt.study.cold_start --config" in text
     capsys.readouterr()
-    assert cold_start.main(argv) == 0  # nothing left to run: the recorded runs are kept as they are
-    assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
-    assert "seed 0:" not in capsys.readouterr().out
+    assert cold_start.main([*argv, "--candidate-bias"]) == 0  # nothing left to run: the recorded runs are kept
+    again = json.loads((out / "results.json").read_text())
+    assert again["runs"] == results["runs"]
+    assert "inputs (split, SASRec, item table)" not in capsys.readouterr().out
+    for row in ("mrc_text", "full"):
+        bias = again["candidate_bias"][row]["0"]
+        assert 0 < bias["cold_negative_share"] < 1 and 0 <= bias["top1_cold"] <= 1
+        assert 0 <= bias["cold_negative_rank"] <= 19 and 0 <= bias["warm_negative_rank"] <= 19
+    assert "mean rank of a cold negative" in (out / "study.md").read_text()
+
+
+def test_candidate_bias_of_a_scorer_that_puts_cold_items_first(split):
+    _, s = split
+
+    class ColdFirst:
+        def score(self, samples, candidates):
+            return (candidates >= s.num_warm).double()
+
+    bias = cold_start.candidate_bias(ColdFirst(), s)
+    test = s.full.test
+    warm_lists = test.candidates[~s.cold_target()]
+    has_cold = (warm_lists >= s.num_warm).any(axis=1)
+    assert bias["top1_cold"] == pytest.approx(has_cold.mean())  # every list with a cold negative is topped by one
+    assert bias["cold_negative_rank"] < bias["warm_negative_rank"]
+    assert bias["cold_negative_share"] == pytest.approx((warm_lists >= s.num_warm).sum() / (warm_lists.size - len(warm_lists)))

@@ -73,6 +73,8 @@ ROW_LABELS = {"full": "Speeder text+collab", TEXT_ONLY_ROW: "Speeder text-only",
               "popularity": "popularity"}
 ROWS = (TEXT_ONLY_ROW, "full", "sasrec", "popularity")
 COLD_ITEMS_FILE = "cold_items.jsonl"
+WITH_COLD = "best_with_cold"
+BIAS_COLUMNS = ("cold_negative_rank", "warm_negative_rank", "top1_cold", "cold_negative_share")
 
 
 # -- the split --------------------------------------------------------------------------------------------------
@@ -185,6 +187,15 @@ class ColdStudy:
         """The seed's shared inputs' config (its item table is cached in the seed's directory)."""
         return row_config(self.raw, FULL, seed, self.seed_dir(seed), self.where)
 
+    def model_with_cold(self, row: Row, seed: int) -> Path:
+        """The Speeder row's best/ checkpoint with the cold items added."""
+        return Path(self.config(row, seed).out_dir) / SPEEDER.name / WITH_COLD
+
+    def split(self, seed: int) -> ColdSplit:
+        cfg = self.seed_config(seed)
+        inter, _ = load_source(cfg.data.source, cfg.data.synthetic, progress=cfg.train.progress)
+        return cold_split(inter, cfg.data.split, self.fraction, seed)
+
     def key(self, row: Row, seed: int) -> dict[str, Any]:
         return {**run_key(self.config(row, seed), row.kind), "cold_fraction": self.fraction}
 
@@ -212,8 +223,7 @@ def plan(raw: dict[str, Any], where: str, out: str | Path, seeds: list[int],
 def seed_inputs(study: ColdStudy, seed: int, log) -> tuple[ColdSplit, Any, Any, dict[str, Any]]:
     """(the seed's split, its warm item table, SASRec trained on the training view, SASRec's facts)."""
     cfg = study.seed_config(seed)
-    inter, _ = load_source(cfg.data.source, cfg.data.synthetic, progress=cfg.train.progress)
-    split = cold_split(inter, cfg.data.split, study.fraction, seed)
+    split = study.split(seed)
     sasrec, facts = shared_sasrec(study.seed_dir(seed) / "sasrec", split.train, cfg, log)
     table = item_table(cfg, split.train, None, sasrec=sasrec, log=log)
     if table.item_keys != split.train.item_keys:
@@ -233,7 +243,7 @@ def run_row(study: ColdStudy, row: Row, seed: int, inputs, log) -> dict[str, Any
         trainer.run()
         train_s = time.perf_counter() - start
         jsonl = cold_jsonl(split, study.seed_dir(seed) / COLD_ITEMS_FILE)
-        added = add_items(trainer.out / "best", jsonl, trainer.out / "best_with_cold")
+        added = add_items(trainer.out / "best", jsonl, study.model_with_cold(row, seed))
         model = SpeederModel.from_pretrained(added.model_dir)
         if model.item_table.item_keys != split.full.item_keys:
             raise RuntimeError("the model's ids after the add differ from the full view's")  # a bug, not an input
@@ -247,6 +257,52 @@ def run_row(study: ColdStudy, row: Row, seed: int, inputs, log) -> dict[str, Any
     return {"metrics": grouped_metrics(ranks, cold_target), **outcome, "wall_s": time.perf_counter() - start,
             "users": {"cold": int(cold_target.sum()), "warm": int((~cold_target).sum())},
             "items": {"cold": split.full.num_items - split.num_warm, "warm": split.num_warm}}
+
+
+@torch.no_grad()
+def candidate_bias(scorer: Scorer, split: ColdSplit, batch_size: int = 256) -> dict[str, float]:
+    """How a model ranks cold items that are negatives, on the candidate lists of the users whose target is warm
+    (every cold candidate there is a negative): the mean rank (0 = top of the list) of a cold negative and of a warm
+    negative, the share of lists whose top candidate is a cold negative, and the share of cold items among the
+    negatives (what that share would be if a model ranked cold and warm negatives alike)."""
+    test = split.full.test
+    lists = np.flatnonzero(~split.cold_target())
+    sums = dict.fromkeys(("cold_rank", "cold", "warm_rank", "warm", "top1_cold"), 0.0)
+    for a in range(0, len(lists), batch_size):
+        part = test.subset(lists[a : a + batch_size])
+        candidates = torch.from_numpy(part.candidates)
+        order = scorer.score(part, candidates).double().argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
+        negative = torch.ones_like(candidates, dtype=torch.bool)
+        negative[torch.arange(len(part)), torch.from_numpy(part.label)] = False
+        cold = (candidates >= split.num_warm) & negative
+        warm = ~(candidates >= split.num_warm) & negative
+        sums["cold_rank"] += float(rank[cold].double().sum())
+        sums["cold"] += float(cold.sum())
+        sums["warm_rank"] += float(rank[warm].double().sum())
+        sums["warm"] += float(warm.sum())
+        sums["top1_cold"] += float(cold.gather(1, order[:, :1]).sum())
+    return {"cold_negative_rank": sums["cold_rank"] / max(sums["cold"], 1.0),
+            "warm_negative_rank": sums["warm_rank"] / sums["warm"], "top1_cold": sums["top1_cold"] / len(lists),
+            "cold_negative_share": sums["cold"] / (sums["cold"] + sums["warm"])}
+
+
+def measure_bias(study: ColdStudy, results: dict[str, Any], log=print) -> dict[str, Any]:
+    """``candidate_bias`` of every finished Speeder run (its model with the cold items) into
+    ``results["candidate_bias"]`` (row id -> seed -> figures), written with the results."""
+    with exclusive(study.out):
+        bias = results.setdefault("candidate_bias", {})
+        for seed in study.seeds:
+            rows = [r for r in study.rows if r.trains_speeder and find_run(results, r.id, seed) is not None]
+            if not rows:
+                continue
+            split = study.split(seed)
+            for row in rows:
+                model = SpeederModel.from_pretrained(study.model_with_cold(row, seed))
+                bias.setdefault(row.id, {})[str(seed)] = figures = candidate_bias(model, split)
+                log(f"{ROW_LABELS[row.id]}, seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+        write_json(study.out / "results.json", results)
+    return results
 
 
 def run_study(study: ColdStudy, log=print) -> dict[str, Any]:
@@ -332,6 +388,17 @@ def report(results: dict[str, Any], seeds: list[int], command: str) -> str:
     for row, stats in summary.items():
         cells = [str(stats[c]) for c in COLUMNS] + [stats["train_s"].seconds(), stats["wall_s"].seconds()]
         lines.append(f"| {ROW_LABELS[row]} | " + " | ".join(cells) + " |")
+    bias = results.get("candidate_bias", {})
+    if bias:
+        lines += ["", "How each Speeder model ranks cold negatives, on the lists of warm-target users (mean over seeds; "
+                  "rank 0 = top of 20): a model that favoured items with the collab modality missing would rank cold "
+                  "negatives above warm ones and put one on top of more lists than their share.", "",
+                  "| model | mean rank of a cold negative | of a warm negative | lists topped by a cold negative | "
+                  "cold share of negatives |", "|---|---|---|---|---|"]
+        for row, per_seed in bias.items():
+            values = [stat([b[c] for s, b in per_seed.items() if int(s) in seeds]) for c in BIAS_COLUMNS]
+            lines.append(f"| {ROW_LABELS[row]} | {values[0].mean:.2f} | {values[1].mean:.2f} | {values[2].mean:.4f} | "
+                         f"{values[3].mean:.4f} |")
     lines += ["", "SASRec and popularity cannot score an unseen id: a cold candidate scores -inf (ranked last, ties "
               "pessimistic), and a cold item in a history is left out of SASRec's window; so their cold HR@1 is 0 by "
               "construction. Speeder's cold items have text (MiniLM of the title) and no collab vector (missing "
@@ -349,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="the study directory (results.json, study.md, runs)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--cold-fraction", type=float, default=COLD_FRACTION, help="share of items held out (0.1)")
+    parser.add_argument("--candidate-bias", action="store_true", help="also measure how each Speeder model ranks "
+                                                                      "cold negatives (recorded in results.json)")
     return parser
 
 
@@ -364,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         study = plan(raw, args.config, args.out, seeds, args.cold_fraction)
         run_config_from_dict(raw, args.config).train.apply_process_settings()
         results = run_study(study)
+        if args.candidate_bias:
+            results = measure_bias(study, results)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -78,10 +78,14 @@ BIAS_COLUMNS = ("cold_negative_rank", "warm_negative_rank", "top1_cold", "cold_n
 
 
 # -- the split --------------------------------------------------------------------------------------------------
+def check_fraction(fraction: float) -> None:
+    if not 0 < fraction < 1:
+        raise ValueError(f"--cold-fraction must be in (0, 1), got {fraction}")
+
+
 def cold_items(num_items: int, fraction: float, seed: int) -> np.ndarray:
     """Sorted ids of ``round(fraction * num_items)`` (at least 1) items drawn without replacement, fixed by seed."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"cold fraction must be in (0, 1), got {fraction}")
+    check_fraction(fraction)
     count = max(1, round(fraction * num_items))
     return np.sort(np.random.default_rng([seed, COLD_STREAM]).choice(num_items, size=count, replace=False))
 
@@ -206,6 +210,7 @@ def plan(raw: dict[str, Any], where: str, out: str | Path, seeds: list[int],
     config checked for every seed before anything runs."""
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"--seeds: distinct integers >= 0 expected, got {seeds}")
+    check_fraction(fraction)
     base = run_config_from_dict(raw, where)
     missing = [m for m in ("text", "collab") if m not in base.model.modalities]
     if missing or base.data.text_features != "minilm":
@@ -213,7 +218,6 @@ def plan(raw: dict[str, Any], where: str, out: str | Path, seeds: list[int],
                          f"{missing}) and data.text_features: minilm (the text cold items are added from)")
     selection = study_rows(raw, base, list(ROWS), where)
     study = ColdStudy(dict(raw), where, selection.rows, list(seeds), Path(out), fraction)
-    cold_items(2, fraction, 0)  # the fraction's check
     for seed in seeds:
         for row in study.rows:
             study.config(row, seed)
@@ -338,7 +342,7 @@ def run_study(study: ColdStudy, log=print) -> dict[str, Any]:
 
 
 # -- report -----------------------------------------------------------------------------------------------------
-def summarize(results: dict[str, Any], seeds: list[int]) -> dict[str, dict[str, Any]]:
+def summarize(results: dict[str, Any], seeds: list[int]) -> dict[str, dict[Any, Any]]:
     """Row id -> (group, metric) -> Stat over the finished seeds, plus "train_s" and "wall_s"."""
     out = {}
     for row in ROWS:
@@ -351,7 +355,7 @@ def summarize(results: dict[str, Any], seeds: list[int]) -> dict[str, dict[str, 
     return out
 
 
-def findings(summary: dict[str, dict[str, Any]]) -> list[str]:
+def findings(summary: dict[str, dict[Any, Any]]) -> list[str]:
     """Plain statements: each Speeder row against SASRec and popularity, per group and metric, "above" / "below"
     when the difference of the means exceeds the larger std of the two rows, else "within the spread"."""
     def versus(a: Any, b: Any) -> str:

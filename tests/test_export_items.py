@@ -124,6 +124,28 @@ def test_items_added_with_existing_tokens_score_exactly_like_them_in_aoti(model,
     assert_copies_score_like_their_originals(rec.recommend)
 
 
+def test_cli_adds_items_from_their_features_through_the_models_mome(model, onnx_dir, tmp_path, capsys):
+    """``add --export DIR --model MODEL --items NEW.jsonl``: the new items' tokens from the model's MoME over their
+    features (``speeder_rt.catalog.add``); items carrying the features of existing ones score exactly like them."""
+    pytest.importorskip("speeder_rt.catalog.add", reason="speeder_rt.catalog.add (the model-directory add) is not here")
+    import shutil
+
+    model_dir = model.save_pretrained(tmp_path / "model")  # the weights the export was made from
+    out = tmp_path / "export"
+    shutil.copytree(onnx_dir, out)
+    table = model.item_table
+    records = [{"item": f"new-{n}", "features": {m: table.features[m][i].float().tolist()
+                                                   for m in table.modalities if table.available[m][i]}}
+               for n, i in enumerate(COPIED)]
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    args = ["add", "--export", str(out), "--model", str(model_dir), "--items", str(tmp_path / "new.jsonl")]
+    assert catalog_cli.main(args) == 0
+    assert f"added {len(COPIED)} items (ids {N_ITEMS}..{N_ITEMS + len(COPIED) - 1})" in capsys.readouterr().out
+    tokens = read_item_tokens(out).tokens
+    np.testing.assert_array_equal(tokens[N_ITEMS:], tokens[COPIED])
+    assert_copies_score_like_their_originals(Recommender.load(out).recommend)
+
+
 def test_reload_items_switches_a_loaded_recommender_to_the_new_version(onnx_dir, tmp_path):
     import shutil
 

@@ -105,8 +105,9 @@ def test_off_round_trips_and_its_graphs_match_the_model(small, pair, tmp_path):
         want = off(h, hl, c, item_tokens=off.item_token_table())
         torch.testing.assert_close(loaded(h, hl, c, item_tokens=loaded.item_token_table()), want, rtol=0, atol=0)
         mask = torch.arange(h.shape[1])[None, :] < hl[:, None]
-        torch.testing.assert_close(ScoringGraph(off)(h, mask, c), want, rtol=1e-5, atol=1e-5)
-        ids, scores = TopKGraph(off, k=5)(h, mask)
+        table = off.item_token_table()
+        torch.testing.assert_close(ScoringGraph(off)(h, mask, c, table), want, rtol=1e-5, atol=1e-5)
+        ids, scores = TopKGraph(off, k=5)(h, mask, table)
         want_ids, want_scores = off.topk(h, hl, 5, off.item_token_table())
     torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-5)
     assert torch.equal(ids, want_ids)

@@ -1,9 +1,16 @@
-"""``OnnxRunner``: an ONNX export's graphs in ONNX Runtime sessions (numpy in, numpy out; no PyTorch)."""
+"""``OnnxRunner``: an ONNX export's graphs in ONNX Runtime sessions (numpy in, numpy out; no PyTorch).
+
+The item-token table is one ``OrtValue`` per version (``set_item_tokens``, on the session's device: copied to a GPU
+once per version), bound to every request's ``IOBinding``: ONNX Runtime reads it in place, no copy per request;
+the request's own inputs are bound from host memory and the outputs copied back to it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from speeder_rt.export.format import ITEM_TOKENS
 
 
 class OnnxRunner:
@@ -23,17 +30,35 @@ class OnnxRunner:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._ort = ort
         self.device = device
         self.topk_k = topk_k
+        self._table: Any = None  # the OrtValue of the item tokens (set_item_tokens)
         self._scores = ort.InferenceSession(str(scores_path), options, providers=providers)
         self._topk = ort.InferenceSession(str(topk_path), options, providers=providers) if topk_path is not None else None
 
+    def set_item_tokens(self, tokens: np.ndarray) -> None:
+        on_cuda = self.device.startswith("cuda")
+        device, index = (("cuda", int(self.device.partition(":")[2] or 0)) if on_cuda else ("cpu", 0))
+        self._table = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tokens), device, index)
+
+    def _run(self, session: Any, **inputs: np.ndarray) -> list[np.ndarray]:
+        if self._table is None:
+            raise RuntimeError("no item tokens set (set_item_tokens)")
+        binding = session.io_binding()
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        binding.bind_ortvalue_input(ITEM_TOKENS, self._table)
+        for output in session.get_outputs():
+            binding.bind_output(output.name, "cpu")
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
     def scores(self, history_ids: np.ndarray, history_mask: np.ndarray, candidate_ids: np.ndarray) -> np.ndarray:
-        feed = {"history_ids": history_ids, "history_mask": history_mask, "candidate_ids": candidate_ids}
-        return self._scores.run(None, feed)[0]
+        return self._run(self._scores, history_ids=history_ids, history_mask=history_mask, candidate_ids=candidate_ids)[0]
 
     def topk(self, history_ids: np.ndarray, history_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._topk is None:
             raise ValueError("this artifact was exported without a top-k graph (--topk 0)")
-        ids, scores = self._topk.run(None, {"history_ids": history_ids, "history_mask": history_mask})
+        ids, scores = self._run(self._topk, history_ids=history_ids, history_mask=history_mask)
         return ids, scores

@@ -16,11 +16,11 @@ import pytest
 import torch
 from bad_requests import BAD_REQUESTS
 
-from speeder_rt.export.exporter import export_checkpoint
-from speeder_rt.export.format import EXPORT_JSON, FORMAT_VERSION, LEGACY_VERSION_KEY, VERSION_KEY
+from speeder_rt.export.exporter import export_checkpoint, export_model, load_speeder
+from speeder_rt.export.format import EXPORT_JSON, FORMAT_VERSION, LEGACY_VERSION_KEY, VERSION_KEY, Ranges
 from speeder_rt.runtime import Recommender
 from speeder_rt.runtime.cpp import CppRecommender, available
-from speeder_rt.runtime.validation import RequestError
+from speeder_rt.runtime.validation import ModelOutputError, RequestError
 from speeder_rt.train.config import run_config_from_dict
 from speeder_rt.train.data import prepare
 from speeder_rt.train.trainer import Trainer
@@ -37,8 +37,8 @@ CANDIDATES = np.random.default_rng(0).integers(0, 120, size=(6, 7))
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    """A briefly trained tiny Speeder (120 items, max_history 12), exported with --engine aoti."""
+def model_dir(tmp_path_factory):
+    """A briefly trained tiny Speeder (120 items, max_history 12): its best/ model directory."""
     tmp = tmp_path_factory.mktemp("cpp_runtime")
     cfg = run_config_from_dict({
         "out_dir": str(tmp / "run"),
@@ -50,8 +50,28 @@ def export_dir(tmp_path_factory):
     })
     trainer = Trainer("speeder", cfg, *prepare(cfg, log=lambda *_: None), log=lambda *_: None)
     trainer.run()
-    out = tmp / "export"
-    export_checkpoint(trainer.out / "best", "aoti", out, device="cpu", log=lambda *_: None, **RANGES)
+    return trainer.out / "best"
+
+
+@pytest.fixture(scope="module")
+def export_dir(model_dir, tmp_path_factory):
+    """The trained model exported with --engine aoti."""
+    out = tmp_path_factory.mktemp("cpp_export") / "export"
+    export_checkpoint(model_dir, "aoti", out, device="cpu", log=lambda *_: None, **RANGES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def nan_export_dir(model_dir, tmp_path_factory):
+    """The trained model with a NaN in recency row 7 (the oldest item of an 8-item history), exported past the
+    failing parity check (allow_mismatch): 8-item histories score NaN, shorter ones as in the finite export."""
+    model = load_speeder(model_dir)
+    with torch.no_grad():
+        model.recency.weight[7, 0] = float("nan")
+    out = tmp_path_factory.mktemp("cpp_nan_export") / "export"
+    ranges = Ranges(**{name: value for name, value in RANGES.items() if name != "topk"})
+    export_model(model, "aoti", out, ranges=ranges, topk=RANGES["topk"], device="cpu", allow_mismatch=True,
+                 log=lambda *_: None)
     return out
 
 
@@ -130,6 +150,27 @@ def test_bad_topk_batch_and_load_requests_raise(cpp_rec, tmp_path):
     assert cpp_rec.recommend([[1]], [[2]]).shape == (1, 1)  # still serving
 
 
+# -- non-finite scores: refused by the C++ library, translated by the binding --------------------------------------
+REFUSED = ("the model scored candidate 0 nan; its weights or item features are not finite (a diverged training or a "
+           "corrupt export), so no scores are returned")
+SHORT = [i for i, history in enumerate(HISTORIES) if len(history) < 8]  # all but row 2
+
+
+def test_nan_scores_are_refused_naming_the_row_and_position(nan_export_dir, cpp_rec):
+    rec = CppRecommender.load(nan_export_dir)
+    with pytest.raises(ModelOutputError, match=rf"^history_ids\[2\]: {re.escape(REFUSED)}$"):
+        rec.recommend(HISTORIES, CANDIDATES)
+    requests = [(h, CANDIDATES[i, : 3 + i % 3]) for i, h in enumerate(HISTORIES)]  # request 2 alone has K = 5
+    with pytest.raises(ModelOutputError, match=rf"^requests\[2\]: {re.escape(REFUSED)}$"):
+        rec.recommend_batch(requests)
+    with pytest.raises(ModelOutputError, match=r"^history_ids\[2\]: the model scored item \d+ \(rank 0\) nan; its"):
+        rec.topk(HISTORIES, k=3)
+    short = [HISTORIES[i] for i in SHORT]  # recency row 7 unused: the finite export's answers
+    np.testing.assert_allclose(rec.recommend(short, CANDIDATES[SHORT]), cpp_rec.recommend(short, CANDIDATES[SHORT]),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(rec.topk(short, k=3)[0], cpp_rec.topk(short, k=3)[0])
+
+
 # -- the example program -----------------------------------------------------------------------------------------
 needs_example = pytest.mark.skipif(not SERVE.is_file(), reason=f"{SERVE} is not built (make test, or cmake -S . -B "
                                                                 "build/cpp && cmake --build build/cpp)")
@@ -151,6 +192,15 @@ def test_example_program_prints_the_python_runtimes_top_candidate(export_dir, py
         assert int(top) == candidates[want.argmax()]
         assert np.float32(score) == want.max()  # 9 significant digits round-trip a float32
         assert int(latency) > 0
+
+
+@needs_example
+def test_example_program_gets_the_cpp_error_for_nan_scores(nan_export_dir):
+    stdin = "3 17 ; 1 2\n0 1 2 3 4 5 6 7 ; 1 2\n"  # the second history has 8 items
+    run = subprocess.run([SERVE, nan_export_dir], check=False, input=stdin, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    first, second = run.stdout.splitlines()
+    assert LINE.fullmatch(first) and second == f"error=history_ids[0]: {REFUSED}"
 
 
 # (line, the same request from Python): speeder_serve answers with the contract's message for it

@@ -1,7 +1,8 @@
 // speeder_rt._C: the Python module of the extension. It binds the C++ runtime's Recommender (speeder_rt.runtime.cpp
 // wraps it).
 // Calls release the GIL. speeder_rt::RequestError arrives in Python as speeder_rt.runtime.validation.RequestError
-// (field, reason), the exception of every Python runtime; any other std::invalid_argument as ValueError.
+// (field, reason) and speeder_rt::ModelOutputError as validation.ModelOutputError, the exceptions of every Python
+// runtime; any other std::invalid_argument as ValueError.
 #include "speeder_rt/runtime.h"
 
 #include <pybind11/pybind11.h>
@@ -21,6 +22,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     } catch (const speeder_rt::RequestError& e) {
       const py::object type = py::module_::import("speeder_rt.runtime.validation").attr("RequestError");
       PyErr_SetObject(type.ptr(), type(e.field(), e.reason()).ptr());
+    } catch (const speeder_rt::ModelOutputError& e) {
+      const py::object type = py::module_::import("speeder_rt.runtime.validation").attr("ModelOutputError");
+      PyErr_SetObject(type.ptr(), type(e.what()).ptr());
     }
   });
 

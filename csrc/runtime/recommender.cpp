@@ -170,6 +170,7 @@ ScoreRows Recommender::recommend(const IdRows& histories, const IdRows& candidat
     targets.push_back(&out[i]);
   }
   impl_->score(hist, cands, targets);
+  validation::check_finite_scores(out, "history_ids");
   return out;
 }
 
@@ -188,6 +189,7 @@ ScoreRows Recommender::recommend_batch(const std::vector<Request>& requests) con
     }
     impl_->score(hist, cands, targets);
   }
+  validation::check_finite_scores(out, "requests");
   return out;
 }
 
@@ -206,6 +208,7 @@ TopK Recommender::topk(const IdRows& histories, int64_t k) const {
       out.scores.push_back(row_of<float>(result.at(1), static_cast<int64_t>(i - start), k));
     }
   }
+  validation::check_finite_topk(histories, out);
   return out;
 }
 

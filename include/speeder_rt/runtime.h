@@ -9,8 +9,9 @@
 //
 // Histories are item ids, oldest first; every id must be in 0..num_items-1. Bad requests throw RequestError
 // (nothing is run): the request contract of speeder_rt/runtime/validation.py, the same checks in the same order
-// with the same messages as every Python runtime. A directory that is not an AOTInductor export throws
-// std::invalid_argument; an unreadable export.json or package std::runtime_error / c10::Error.
+// with the same messages as every Python runtime. A NaN or infinite score of a valid request throws
+// ModelOutputError instead of being returned (top-k never ranks one). A directory that is not an AOTInductor
+// export throws std::invalid_argument; an unreadable export.json or package std::runtime_error / c10::Error.
 //
 // Thread safety: all methods are const and may be called concurrently; there is no lock of ours. Each
 // call runs on one of Options::num_runners model instances that AOTInductor's container keeps (weights
@@ -74,6 +75,16 @@ class RequestError : public std::invalid_argument {
  private:
   std::string field_;
   std::string reason_;
+};
+
+// The model scored a valid request with a NaN or an infinity: its weights or item features are not finite (a
+// diverged training, a corrupt export); not the request's fault, and no scores are returned. what() names the
+// request row, the candidate position or top-k rank and the value, as speeder_rt/runtime/validation.py's
+// check_finite_scores / check_finite_topk do ("history_ids[2]: the model scored candidate 0 nan; ..."). The Python
+// binding raises it as speeder_rt.runtime.validation.ModelOutputError (a RuntimeError).
+class ModelOutputError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
 };
 
 // Item ids from text, separated by whitespace: each a plain decimal integer that fits int64 ("17", "-1"; not "+3",

@@ -12,6 +12,7 @@ from speeder_rt.export import __main__ as cli
 from speeder_rt.export import onnx_engine, trt_engine
 from speeder_rt.export.exporter import export_checkpoint, load_speeder
 from speeder_rt.export.graph import ParityCase
+from speeder_rt.export.items import read_item_tokens
 from speeder_rt.runtime import Recommender
 from speeder_rt.train.config import run_config_from_dict
 from speeder_rt.train.data import prepare
@@ -162,7 +163,10 @@ def test_triton_config_parses_and_matches_the_onnx_graphs(onnx_dir):
         assert meta["graphs"][graph]["file"] == f"model_repository/{triton_name}/1/model.onnx"
         proto = onnx.load(str(onnx_dir / meta["graphs"][graph]["file"]), load_external_data=False)
         types = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.BOOL: "TYPE_BOOL", onnx.TensorProto.FLOAT: "TYPE_FP32"}
-        for kind, values in (("input", proto.graph.input), ("output", proto.graph.output)):
+        defaults = {t.name for t in proto.graph.initializer}
+        assert "item_tokens" in defaults  # the table input has the export-time table as its default
+        requested = [v for v in proto.graph.input if v.name not in defaults]  # what a request carries
+        for kind, values in (("input", requested), ("output", proto.graph.output)):
             want = [(v.name, types[v.type.tensor_type.elem_type],
                      [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim][1:])
                     for v in values]
@@ -192,10 +196,11 @@ def test_aoti_export_reloads_and_passes_parity(aoti_dir):
     assert parity["passed"] and parity["scores"]["max_abs_error"] < 1e-4 and parity["topk"]["passed"]
     meta = read_json(aoti_dir / "export.json")
     assert meta["engine"] == "aoti" and meta["triton_repository"] is None
-    assert sorted(p.name for p in aoti_dir.iterdir()) == ["export.json", "model_repository_python", "parity.json",
-                                                          "scores.pt2", "topk.pt2"]
+    assert sorted(p.name for p in aoti_dir.iterdir()) == ["export.json", "items", "model_repository_python",
+                                                          "parity.json", "scores.pt2", "topk.pt2"]
     package = torch._inductor.aoti_load_package(str(aoti_dir / "scores.pt2"))  # plain tensors in, flat outputs
-    out = package(torch.tensor([[3, 4, -1]]), torch.tensor([[True, True, False]]), torch.tensor([[1, 2]]))
+    table = torch.from_numpy(read_item_tokens(aoti_dir).tokens)
+    out = package(torch.tensor([[3, 4, -1]]), torch.tensor([[True, True, False]]), torch.tensor([[1, 2]]), table)
     assert out.shape == (1, 2) and out.dtype == torch.float32
 
 
@@ -349,7 +354,7 @@ def test_allow_mismatch_keeps_the_export_with_external_data(ckpt, model, tmp_pat
     assert code == 0 and "kept because of --allow-mismatch" in text
     assert read_json(out / "parity.json")["passed"] is False and read_json(out / "export.json")["topk"] == 0
     version_dir = out / "model_repository" / "speeder" / "1"
-    assert sorted(p.name for p in version_dir.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert sorted(p.name for p in version_dir.iterdir()) == ["model.onnx", "model.onnx.data", "model.onnx.items"]
     assert not (out / "model_repository" / "speeder_topk").exists()
     rec = Recommender.load(out)
     np.testing.assert_allclose(rec.recommend([[5, 6], [7]], [[1, 2, 3], [4, 5, 6]]),

@@ -12,6 +12,7 @@ from tiny_model import tiny_speeder
 
 from speeder_rt.export.exporter import export_model
 from speeder_rt.export.format import Ranges
+from speeder_rt.export.items import read_item_tokens
 
 N_ITEMS, RANGES, K = 120, Ranges(max_batch=8, max_history=8, max_candidates=20), 5  # the model's max_history is 12
 
@@ -33,6 +34,7 @@ def onnx_graphs(model, tmp_path_factory):
 
     out = export(model, "onnx", tmp_path_factory)
     assert json.loads((out / "parity.json").read_text())["passed"]  # the checks change nothing on valid input
+    # without item_tokens: the graphs' default, the export-time table (what Triton's own ONNX Runtime backend serves)
     sessions = {g: ort.InferenceSession(str(out / "model_repository" / name / "1" / "model.onnx"),
                                         providers=["CPUExecutionProvider"])
                 for g, name in (("scores", "speeder"), ("topk", "speeder_topk"))}
@@ -51,10 +53,11 @@ def aoti_graphs(model, tmp_path_factory):
     out = export(model, "aoti", tmp_path_factory)
     assert json.loads((out / "parity.json").read_text())["passed"]
     packages = {g: torch._inductor.aoti_load_package(str(out / f"{g}.pt2")) for g in ("scores", "topk")}
+    table = read_item_tokens(out).tokens
 
     def run(graph, *arrays):
         with torch.no_grad():
-            out = packages[graph](*[torch.from_numpy(a) for a in arrays])
+            out = packages[graph](*[torch.from_numpy(a) for a in (*arrays, table)])
         return out.numpy() if graph == "scores" else tuple(o.numpy() for o in out)
 
     return (lambda ids, mask, cands: run("scores", ids, mask, cands)), (lambda ids, mask: run("topk", ids, mask))

@@ -16,6 +16,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "speeder_rt"
@@ -123,12 +124,14 @@ def test_an_onnx_export_loads_without_the_training_stack(tmp_path):
         artifact_files,
         io_specs,
     )
+    from speeder_rt.export.items import write_item_tokens
 
     # A stand-in scoring graph with the export's inputs and outputs: scores = candidate_ids as float. What is under
     # test is what loading imports, not the graph.
     inputs = [helper.make_tensor_value_info("history_ids", TensorProto.INT64, ["batch", "history"]),
               helper.make_tensor_value_info("history_mask", TensorProto.BOOL, ["batch", "history"]),
-              helper.make_tensor_value_info("candidate_ids", TensorProto.INT64, ["batch", "candidates"])]
+              helper.make_tensor_value_info("candidate_ids", TensorProto.INT64, ["batch", "candidates"]),
+              helper.make_tensor_value_info("item_tokens", TensorProto.FLOAT, ["num_items", 3])]  # unused here
     output = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", "candidates"])
     graph = helper.make_graph([helper.make_node("Cast", ["candidate_ids"], ["scores"], to=TensorProto.FLOAT)],
                               "scores", inputs, [output])
@@ -139,6 +142,7 @@ def test_an_onnx_export_loads_without_the_training_stack(tmp_path):
             "ranges": asdict(Ranges(8, 5, 4)), "triton_repository": ENGINE_REPOSITORY,
             "graphs": {name: {"file": files[name], **spec} for name, spec in io_specs(0).items()}}
     (tmp_path / EXPORT_JSON).write_text(json.dumps(meta))
+    write_item_tokens(tmp_path, np.zeros((50, 3), np.float32), version=1)
     probe = ("import json, sys\n"
              "from speeder_rt.runtime import Recommender\n"
              "rec = Recommender.load(sys.argv[1])\n"

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from speeder_rt.export import triton_repo, trt_engine
@@ -30,6 +31,7 @@ from speeder_rt.export.format import (
     Ranges,
     artifact_files,
     io_specs,
+    item_table_dtype,
 )
 from speeder_rt.export.graph import (
     DTYPES,
@@ -40,6 +42,7 @@ from speeder_rt.export.graph import (
     check_parity,
     example_inputs,
 )
+from speeder_rt.export.items import ITEMS_DIR, write_item_tokens
 from speeder_rt.export.runners import open_runner
 from speeder_rt.model.speeder import SpeederModel
 from speeder_rt.train.kinds import kind_of
@@ -150,15 +153,19 @@ def export_model(model: SpeederModel, engine: str, out: str | Path, *, dtype: st
     atol = default_atol(dtype, model_dtype) if atol is None else atol
     artifacts = artifact_files(engine, topk > 0)
     timings: dict[str, float] = {}
+    with torch.no_grad():
+        item_tokens = model.item_token_table().detach().float().cpu().numpy().astype(item_table_dtype(engine, dtype))
     with atomic_dir(out, overwrite=force) as tmp:
+        write_item_tokens(tmp, item_tokens, version=1)
         for name, rel in artifacts.items():
             start = time.perf_counter()
-            _build(model, engine, name, tmp, rel, ranges, topk, dtype, attn_backend, device)
+            _build(model, engine, name, tmp, rel, ranges, topk, dtype, attn_backend, device, item_tokens)
             timings[f"build_{name}"] = round(time.perf_counter() - start, 2)
             log(f"{engine}: built {rel} in {timings[f'build_{name}']:.1f}s")
         _write_triton(tmp, engine, ranges, topk, device)
         start = time.perf_counter()
         runner = open_runner(engine, tmp, artifacts, topk, device)
+        runner.set_item_tokens(item_tokens)
         home, training = model.available.device, model.training
         try:
             report = check_parity(runner, model.to(device), ranges, atol)
@@ -176,7 +183,7 @@ def export_model(model: SpeederModel, engine: str, out: str | Path, *, dtype: st
 
 
 def _build(model: SpeederModel, engine: str, graph_name: str, tmp: Path, rel: str, ranges: Ranges, topk: int, dtype: str,
-           attn_backend: str, device: str) -> None:
+           attn_backend: str, device: str, item_tokens: np.ndarray) -> None:
     is_topk = graph_name == "topk"
     graph_dtype = torch.float32 if engine == "trt" else DTYPES[dtype]  # TensorRT lowers precision by builder flags
     graph: torch.nn.Module
@@ -186,7 +193,7 @@ def _build(model: SpeederModel, engine: str, graph_name: str, tmp: Path, rel: st
         graph = ScoringGraph(model, graph_dtype, attn_backend, ranges)
     graph_device = device if engine == "aoti" else "cpu"
     graph.to(graph_device)
-    args = example_inputs(model.num_items, is_topk, graph_device)
+    args = example_inputs(torch.from_numpy(item_tokens), is_topk, graph_device)
     if engine == "aoti":
         from speeder_rt.export.aoti_engine import export_aoti
 
@@ -195,7 +202,7 @@ def _build(model: SpeederModel, engine: str, graph_name: str, tmp: Path, rel: st
     from speeder_rt.export.onnx_engine import export_onnx
 
     onnx_path = tmp / rel if engine == "onnx" else tmp / "onnx" / f"{graph_name}.onnx"
-    export_onnx(graph, args, ranges, is_topk, onnx_path)
+    export_onnx(graph, args, ranges, is_topk, onnx_path, default_item_tokens=item_tokens)
     del graph
     if engine == "trt":
         trt_engine.build_plan(onnx_path, tmp / rel, ranges, is_topk, dtype)
@@ -220,7 +227,7 @@ def _meta(model: SpeederModel, engine: str, dtype: str, ranges: Ranges, topk: in
     packages = {"onnx": ["onnx", "onnxruntime"], "trt": ["onnx", "tensorrt"], "aoti": []}[engine]
     for package in packages:
         versions[package] = __import__(package).__version__
-    specs = io_specs(topk)
+    specs = io_specs(topk, item_table_dtype(engine, dtype), model.hidden_size)
     return {
         VERSION_KEY: FORMAT_VERSION,
         "engine": engine,
@@ -232,7 +239,8 @@ def _meta(model: SpeederModel, engine: str, dtype: str, ranges: Ranges, topk: in
         "graphs": {name: {"file": artifacts[name], **specs[name]} for name in artifacts},
         "triton_repository": ENGINE_REPOSITORY if engine != "aoti" else None,
         "triton_python_repository": PYTHON_REPOSITORY,
-        "num_items": model.num_items,
+        "num_items": model.num_items,  # at export time; the served catalog: items/current.json
+        "items": ITEMS_DIR,
         "hidden_size": model.hidden_size,
         "model_kind": model.model_kind,
         "model_max_history": model.cfg.max_history,

@@ -13,10 +13,14 @@ runtime's tests) reads the format without loading PyTorch or the model. The expo
                                  1/model.py), what ``python -m speeder_rt.serve`` runs; see ``triton_repo``
     onnx/scores.onnx, topk.onnx  trt: the ONNX graphs the plans were built from
     scores.pt2, topk.pt2         aoti: AOTInductor packages (no Triton repository)
+    items/current.json           the item-token table's current version (``speeder_rt.export.items``)
+    items/v000001/item_tokens.npy  one version of the table, [N, D]; later versions append rows
 
 Two graphs: candidate scoring and full-catalog top-k (``k = topk`` fixed at export; ``topk=0`` leaves it out),
 their inputs and outputs given by ``io_specs``. Batch, history width and candidate count are dynamic within
-``Ranges``. A loaded graph pair is a ``Runner``.
+``Ranges``. The item-token table is the graphs' last input, ``item_tokens`` [N, D] with N dynamic (the current
+version of ``items/``, bound by the runner, never sent by a client: ``request_inputs``). A loaded graph pair is a
+``Runner``.
 
 The version: ``FORMAT_VERSION`` under the key ``VERSION_KEY`` (``format_version``), the key every speeder_rt file
 uses (model directories, item tables, study results). Exports written before it had the key ``format``
@@ -45,18 +49,35 @@ PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "trt": ("tensorrt_plan"
 TRITON_MODEL_MODULE = "speeder_rt.serve.triton_model"
 
 
-def io_specs(topk_k: int) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """Graph name -> inputs / outputs as {name, dtype, shape}; symbolic dims are named, the batch first."""
+ITEM_TOKENS = "item_tokens"  # the graphs' table input (not batched: the runner binds it, clients never send it)
+
+
+def io_specs(topk_k: int, table_dtype: str = "float32", table_dim: int | str = "dim"
+             ) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Graph name -> inputs / outputs as {name, dtype, shape}; symbolic dims are named, the batch first (except
+    ``item_tokens`` [num_items, table_dim], of ``table_dtype``: ``item_table_dtype``)."""
     def spec(name: str, dtype: str, *shape: str | int) -> dict[str, Any]:
         return {"name": name, "dtype": dtype, "shape": list(shape)}
 
     history = [spec("history_ids", "int64", "batch", "history"), spec("history_mask", "bool", "batch", "history")]
-    specs = {"scores": {"inputs": history + [spec("candidate_ids", "int64", "batch", "candidates")],
+    table = spec(ITEM_TOKENS, table_dtype, "num_items", table_dim)
+    specs = {"scores": {"inputs": history + [spec("candidate_ids", "int64", "batch", "candidates"), table],
                         "outputs": [spec("scores", "float32", "batch", "candidates")]}}
     if topk_k:
-        specs["topk"] = {"inputs": history, "outputs": [spec("item_ids", "int64", "batch", topk_k),
-                                                        spec("scores", "float32", "batch", topk_k)]}
+        specs["topk"] = {"inputs": history + [table], "outputs": [spec("item_ids", "int64", "batch", topk_k),
+                                                                  spec("scores", "float32", "batch", topk_k)]}
     return specs
+
+
+def request_inputs(inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The inputs of an ``io_specs`` graph that a request carries (all but ``item_tokens``)."""
+    return [s for s in inputs if s["name"] != ITEM_TOKENS]
+
+
+def item_table_dtype(engine: str, dtype: str) -> str:
+    """The numpy dtype of an export's item-token table (file and graph input): float16 for fp16 ONNX / AOTI
+    graphs, else float32 (bf16 graphs cast it; TensorRT graphs are fp32, lowered by builder flags)."""
+    return "float16" if dtype == "fp16" and engine != "trt" else "float32"
 
 
 @dataclass
@@ -80,6 +101,10 @@ class Runner(Protocol):
     """A loaded artifact: numpy in, numpy out (the shapes of ``io_specs``)."""
 
     topk_k: int  # the exported k (0: no top-k graph)
+
+    def set_item_tokens(self, tokens: np.ndarray) -> None:
+        """Score against ``tokens`` [N, D] (the export's table dtype) from now on; ids are 0..N-1."""
+        ...
 
     def scores(self, history_ids: np.ndarray, history_mask: np.ndarray, candidate_ids: np.ndarray) -> np.ndarray: ...
 

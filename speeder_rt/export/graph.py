@@ -1,23 +1,26 @@
-"""The exportable Speeder graphs (ids in, scores out, everything else baked in) and their parity check.
+"""The exportable Speeder graphs (ids and the item-token table in, scores out, the model baked in) and their parity
+check.
 
-``ScoringGraph``: ``(history_ids int64 [B, n], history_mask bool [B, n], candidate_ids int64 [B, K])
--> scores float32 [B, K]``. ``TopKGraph``: ``(history_ids, history_mask) -> (item_ids int64 [B, k],
-scores float32 [B, k])`` over the whole catalog with the history's items excluded; ``k`` is fixed at
-export time (a constant of the graph, so ONNX / TensorRT see a static TopK).
+``ScoringGraph``: ``(history_ids int64 [B, n], history_mask bool [B, n], candidate_ids int64 [B, K],
+item_tokens [N, d]) -> scores float32 [B, K]``. ``TopKGraph``: ``(history_ids, history_mask, item_tokens) ->
+(item_ids int64 [B, k], scores float32 [B, k])`` over the whole catalog with the history's items excluded; ``k``
+is fixed at export time (a constant of the graph, so ONNX / TensorRT see a static TopK). ``item_tokens`` is the
+item-token table (``format.item_table_dtype``; a bf16 graph casts it), N dynamic: the catalog is the table passed
+in, so items appended to it are scored without a new export.
 
 ``history_mask`` marks real items (True); they come first in each row and every row has at least one.
 ``history_len = history_mask.sum(1)``; masked entries are ignored whatever their id (-1 is customary).
 
 Invalid input never yields a plausible score (the graphs are served raw by Triton's ONNX Runtime /
 TensorRT backends, with no runtime in front to check requests). A row is invalid when its mask has a
-hole or no True entry, an id under its mask is outside ``0..N-1``, or the history is wider than
+hole or no True entry, an id under its mask is outside ``0..N-1`` (N: the rows of ``item_tokens``), or the history is wider than
 ``max_history``; its scores are NaN (top-k: NaN scores, item id -1). A candidate outside ``0..N-1``, or
 any candidate beyond ``max_candidates`` per row, scores NaN. Invalid ids are replaced by safe ones
 before any gather, so no engine reads out of bounds or wraps -1 around to the last item; on valid input
 the graphs compute exactly what they did without these checks.
 
-The item-token table, recency and candidate embeddings, template token embeddings, SPAE slopes, head and
-the decoder (LoRA merged into its weights) are module state, so an exporter bakes them in; a model trained
+The recency and candidate embeddings, template token embeddings, SPAE slopes, head and the decoder (LoRA
+merged into its weights) are module state, so an exporter bakes them in; a model trained
 with ``recency: false`` has no recency table, and its graphs add none. The graphs run
 the model's own ``prompt`` / ``pred_state`` on a slim module holding only what inference reads (no MoME,
 no item features, only the template rows of the vocabulary embedding).
@@ -40,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from speeder_rt.export.format import Ranges, Runner
+from speeder_rt.export.format import ITEM_TOKENS, Ranges, Runner
 from speeder_rt.model.speeder import SpeederModel
 
 EXPORT_BACKENDS = ("sdpa", "reference")
@@ -48,11 +51,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class _Slim(nn.Module):
-    """What ``SpeederModel.prompt`` / ``pred_state`` read at inference, item tokens precomputed."""
+    """What ``SpeederModel.prompt`` / ``pred_state`` read at inference; the item tokens come with each call."""
 
     fused_item_path = False  # export graphs use standard ops only (EXPORT_BACKENDS)
     template: torch.Tensor  # buffer: 0..len(template)-1, the rows of the slim vocabulary embedding
-    item_table: torch.Tensor  # buffer: the item-token table [N, d]
     decoder: Any  # the decoder, LoRA merged
 
     def __init__(self, model: SpeederModel, dtype: torch.dtype, backend: str, ranges: Ranges | None = None) -> None:
@@ -76,7 +78,7 @@ class _Slim(nn.Module):
         self.candidate_embedding = nn.Parameter(model.candidate_embedding.detach().clone())
         self.slopes = nn.Parameter(model.slopes.detach().clone())
         self.head = copy.deepcopy(model.head)
-        self.register_buffer("item_table", model.item_token_table().detach().clone())
+        self.compute_dtype = dtype  # the item tokens' compute dtype (a table passed in another one is cast)
         self.to(dtype)
         self.requires_grad_(False)
         self.eval()
@@ -88,11 +90,10 @@ class _Slim(nn.Module):
         ``set_backend``, ``prompt`` and ``pred_state`` read (a duck-typed stand-in, hence the cast)."""
         return cast(SpeederModel, self)
 
-    def valid(self, history_ids: torch.Tensor, history_mask: torch.Tensor,
-              candidate_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def valid(self, history_ids: torch.Tensor, history_mask: torch.Tensor, candidate_ids: torch.Tensor,
+              num_items: int | torch.SymInt) -> tuple[torch.Tensor, torch.Tensor]:
         """(valid rows bool [B], valid candidates bool [B, K]) by the rules of the module docstring; shape
         bounds are tensor comparisons (no guard on the symbolic sizes, so they survive export)."""
-        num_items = self.item_table.shape[0]
         slot = torch.arange(history_ids.shape[1], device=history_ids.device)
         length = history_mask.sum(1)
         in_catalog = (history_ids >= 0) & (history_ids < num_items)
@@ -103,35 +104,41 @@ class _Slim(nn.Module):
             cands = cands & (torch.arange(candidate_ids.shape[1], device=cands.device) < self.max_candidates).all()
         return rows, cands
 
-    def query(self, history_ids: torch.Tensor, history_mask: torch.Tensor,
-              candidate_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def query(self, history_ids: torch.Tensor, history_mask: torch.Tensor, candidate_ids: torch.Tensor,
+              item_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(PRED query [B, d], candidate item tokens [B, K, d], both float32, valid rows [B], valid candidates
-        [B, K]). Invalid rows run as empty histories and invalid candidates as item 0 (in range, discarded)."""
-        rows, cands = self.valid(history_ids, history_mask, candidate_ids)
+        [B, K]). Invalid rows run as empty histories and invalid candidates as item 0 (in range, discarded).
+        ``item_tokens`` is already in the compute dtype (``table``)."""
+        rows, cands = self.valid(history_ids, history_mask, candidate_ids, item_tokens.shape[0])
         real = history_mask & rows[:, None]
         history = torch.where(real, history_ids, -1)
         safe_candidates = torch.where(cands, candidate_ids, 0)
         model = self.as_model
-        embeds, lay, cand_tok = SpeederModel.prompt(model, history, real.sum(1), safe_candidates, self.item_table)
+        embeds, lay, cand_tok = SpeederModel.prompt(model, history, real.sum(1), safe_candidates, item_tokens)
         return SpeederModel.pred_state(model, embeds, lay).float(), cand_tok.float(), rows, cands
+
+    def table(self, item_tokens: torch.Tensor) -> torch.Tensor:
+        """The item tokens in the compute dtype (a no-op unless the stored dtype differs: bf16 graphs)."""
+        return item_tokens.to(self.compute_dtype)
 
 
 class ScoringGraph(nn.Module):
-    """Candidate scoring: ``forward(history_ids, history_mask, candidate_ids) -> scores [B, K]``."""
+    """Candidate scoring: ``forward(history_ids, history_mask, candidate_ids, item_tokens) -> scores [B, K]``."""
 
     def __init__(self, model: SpeederModel, dtype: torch.dtype = torch.float32, backend: str = "sdpa",
                  ranges: Ranges | None = None) -> None:
         super().__init__()
         self.core = _Slim(model, dtype, backend, ranges)
 
-    def forward(self, history_ids: torch.Tensor, history_mask: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
-        query, cand, rows, cands = self.core.query(history_ids, history_mask, candidate_ids)
+    def forward(self, history_ids: torch.Tensor, history_mask: torch.Tensor, candidate_ids: torch.Tensor,
+                item_tokens: torch.Tensor) -> torch.Tensor:
+        query, cand, rows, cands = self.core.query(history_ids, history_mask, candidate_ids, self.core.table(item_tokens))
         scores = torch.einsum("bd,bkd->bk", query, cand)
         return scores.masked_fill(~(rows[:, None] & cands), float("nan"))
 
 
 class TopKGraph(nn.Module):
-    """Full-catalog top-``k``: ``forward(history_ids, history_mask) -> (item_ids [B, k], scores [B, k])``."""
+    """Full-catalog top-``k``: ``forward(history_ids, history_mask, item_tokens) -> (item_ids [B, k], scores [B, k])``."""
 
     def __init__(self, model: SpeederModel, k: int, dtype: torch.dtype = torch.float32, backend: str = "sdpa",
                  ranges: Ranges | None = None) -> None:
@@ -141,9 +148,11 @@ class TopKGraph(nn.Module):
         self.k = k
         self.core = _Slim(model, dtype, backend, ranges)
 
-    def forward(self, history_ids: torch.Tensor, history_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        query, _, rows, _ = self.core.query(history_ids, history_mask, history_ids[:, :0])
-        scores = query @ self.core.item_table.float().T
+    def forward(self, history_ids: torch.Tensor, history_mask: torch.Tensor,
+                item_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self.core.table(item_tokens)
+        query, _, rows, _ = self.core.query(history_ids, history_mask, history_ids[:, :0], table)
+        scores = query @ table.float().T
         # Masked entries point at the row's first item (real in a valid row; item 0 in an invalid one), so
         # every index is in range and every write is "seen": duplicate indices cannot race (a plain
         # scatter, no reduction: ONNX / TensorRT friendly).
@@ -155,19 +164,23 @@ class TopKGraph(nn.Module):
         return top.indices.masked_fill(~valid, -1), top.values.masked_fill(~valid, float("nan"))
 
 
-def example_inputs(num_items: int, topk: bool, device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:
-    """Tracing inputs of batch 2, width 2, 2 candidates (size 1 would be specialised), ragged lengths."""
+def example_inputs(item_tokens: torch.Tensor, topk: bool, device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:
+    """Tracing inputs of batch 2, width 2, 2 candidates (size 1 would be specialised), ragged lengths, over the
+    table ``item_tokens``."""
     gen = torch.Generator().manual_seed(0)
+    num_items = item_tokens.shape[0]
     ids = torch.randint(0, num_items, (2, 2), generator=gen)
     mask = torch.tensor([[True, True], [True, False]])
     args = (ids, mask) if topk else (ids, mask, torch.randint(0, num_items, (2, 2), generator=gen))
-    return tuple(a.to(device) for a in args)
+    return tuple(a.to(device) for a in (*args, item_tokens))
 
 
-def dynamic_shapes(ranges: Ranges, topk: bool) -> dict[str, dict[int, Any]]:
+def dynamic_shapes(ranges: Ranges, topk: bool, min_items: int = 2) -> dict[str, dict[int, Any]]:
     """torch.export ``dynamic_shapes`` within ``ranges``. Every dimension stays symbolic, whatever the
     ranges: bounds below 3 are widened to 3 (the runtime enforces the real ones), because torch.export does
-    not unify the shared batch / history symbols of different inputs when the example size is the bound."""
+    not unify the shared batch / history symbols of different inputs when the example size is the bound.
+    The table's rows are unbounded above (a catalog grows) and at least ``min_items`` (>= 2: 1 would be
+    specialised; top-k's k: a table cannot shrink below it, versions only append)."""
     def dim(name: str, top: int) -> Any:
         return torch.export.Dim(name, min=1, max=max(3, top))
 
@@ -175,6 +188,7 @@ def dynamic_shapes(ranges: Ranges, topk: bool) -> dict[str, dict[int, Any]]:
     shapes = {"history_ids": {0: batch, 1: hist}, "history_mask": {0: batch, 1: hist}}
     if not topk:
         shapes["candidate_ids"] = {0: batch, 1: dim("candidates", ranges.max_candidates)}
+    shapes[ITEM_TOKENS] = {0: torch.export.Dim("num_items", min=max(2, min_items))}
     return shapes
 
 
@@ -185,7 +199,8 @@ def export_program(graph: nn.Module, args: tuple[torch.Tensor, ...], ranges: Ran
     ``repeat_kv`` reshape (``min(16 L, 32 L) == 16 L``) and would reject the dynamic history dimension.
     """
     with torch.no_grad():
-        return torch.export.export(graph, args, dynamic_shapes=dynamic_shapes(ranges, topk), strict=False,
+        shapes = dynamic_shapes(ranges, topk, graph.k if isinstance(graph, TopKGraph) else 2)
+        return torch.export.export(graph, args, dynamic_shapes=shapes, strict=False,
                                    prefer_deferred_runtime_asserts_over_guards=True)
 
 

@@ -11,7 +11,7 @@ import torch
 
 class ModuleRunner:
     """``scores`` and ``topk`` of the graphs ``scores_graph`` / ``topk_graph`` (None: no top-k graph), each called
-    with its inputs as tensors on ``device``."""
+    with its inputs as tensors on ``device``, the item tokens (``set_item_tokens``: moved there once per table) last."""
 
     no_topk = "this artifact was exported without a top-k graph (--topk 0)"  # the error of ``topk`` without one
 
@@ -21,17 +21,26 @@ class ModuleRunner:
         self.topk_k = topk_k
         self._scores = scores_graph
         self._topk = topk_graph
+        self._table: torch.Tensor | None = None
+
+    def set_item_tokens(self, tokens: np.ndarray) -> None:
+        self._table = self._to(tokens)[0]
+
+    def _item_tokens(self) -> torch.Tensor:
+        if self._table is None:
+            raise RuntimeError("no item tokens set (set_item_tokens)")
+        return self._table
 
     def _to(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         return [torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays]
 
     @torch.no_grad()
     def scores(self, history_ids: np.ndarray, history_mask: np.ndarray, candidate_ids: np.ndarray) -> np.ndarray:
-        return self._scores(*self._to(history_ids, history_mask, candidate_ids)).cpu().numpy()
+        return self._scores(*self._to(history_ids, history_mask, candidate_ids), self._item_tokens()).cpu().numpy()
 
     @torch.no_grad()
     def topk(self, history_ids: np.ndarray, history_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._topk is None:
             raise ValueError(self.no_topk)
-        ids, scores = self._topk(*self._to(history_ids, history_mask))
+        ids, scores = self._topk(*self._to(history_ids, history_mask), self._item_tokens())
         return ids.cpu().numpy(), scores.cpu().numpy()

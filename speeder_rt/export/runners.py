@@ -11,6 +11,7 @@ from speeder_rt.export.format import Runner, read_export_json
 
 def open_runner(engine: str, root: Path, artifacts: dict[str, str], topk: int, device: str,
                 threads: int | None = None) -> Runner:
+    """The engine's runner over the graphs ``artifacts`` (relative to ``root``); no item table set yet."""
     topk_path = root / artifacts["topk"] if "topk" in artifacts else None
     if engine == "onnx":
         from speeder_rt.export.onnx_runner import OnnxRunner
@@ -37,7 +38,8 @@ def check_threads(threads: int | None) -> None:
 
 def load_runner(directory: str | Path, device: str | None = None, threads: int | None = None
                 ) -> tuple[Runner, dict[str, Any]]:
-    """(runner, export.json) of an export directory; ``device`` overrides the exported one (onnx only);
+    """(runner, export.json) of an export directory, no item table set (``Recommender.reload_items`` sets the current
+    one); ``device`` overrides the exported one (onnx only);
     ``threads``: the engine's CPU threads (ONNX Runtime's per session, without spin-waiting; for the other
     engines torch's process-wide intra-op threads), None for the engine's default."""
     check_threads(threads)

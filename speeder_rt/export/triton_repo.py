@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from speeder_rt.export.format import MODEL_NAMES, PLATFORMS, TRITON_MODEL_MODULE, io_specs, model_dir
+from speeder_rt.export.format import MODEL_NAMES, PLATFORMS, TRITON_MODEL_MODULE, io_specs, model_dir, request_inputs
 
 TRITON_TYPES = {"int64": "TYPE_INT64", "bool": "TYPE_BOOL", "float32": "TYPE_FP32"}
 PYTHON_MODEL = f"from {TRITON_MODEL_MODULE} import TritonPythonModel  # noqa: F401  (Triton's Python backend)\n"
@@ -88,7 +88,7 @@ def write_engine_repository(repo: Path, engine: str, topk: int, serving: Serving
     parameters = {"intra_op_thread_count": "0", "inter_op_thread_count": "1"} if engine == "onnx" else {}
     for graph, spec in io_specs(topk).items():
         _write(model_dir(repo, graph) / "config.pbtxt", config_pbtxt(
-            MODEL_NAMES[graph], f'platform: "{PLATFORMS[engine][0]}"', serving, tensor_specs(spec["inputs"]),
+            MODEL_NAMES[graph], f'platform: "{PLATFORMS[engine][0]}"', serving, tensor_specs(request_inputs(spec["inputs"])),
             tensor_specs(spec["outputs"]), parameters))
 
 
@@ -99,5 +99,6 @@ def write_python_repository(repo: Path, export_dir: str, topk: int, serving: Ser
         directory = model_dir(repo, graph)
         _write(directory / "1" / "model.py", PYTHON_MODEL)
         _write(directory / "config.pbtxt", config_pbtxt(
-            MODEL_NAMES[graph], 'backend: "python"', serving, tensor_specs(spec["inputs"]), tensor_specs(spec["outputs"]),
+            MODEL_NAMES[graph], 'backend: "python"', serving, tensor_specs(request_inputs(spec["inputs"])),
+            tensor_specs(spec["outputs"]),
             {"export_dir": export_dir, "graph": graph, "threads": str(serving.threads)}, ragged=True))

@@ -118,6 +118,15 @@ class TrtRunner:
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._scores = _Engine(runtime, scores_path)
         self._topk = _Engine(runtime, topk_path) if topk_path is not None else None
+        self.num_items: int | None = None
+
+    def set_item_tokens(self, tokens: np.ndarray) -> None:
+        """A plan keeps the export-time table (the ONNX parser builds the ``item_tokens`` default in as weights):
+        a table of another size is refused, as the plan would not score its new rows."""
+        if self.num_items is not None and tokens.shape[0] != self.num_items:
+            raise ValueError(f"TensorRT plans keep the export-time item table ({self.num_items} items); a table of "
+                             f"{tokens.shape[0]} needs a new export (ONNX and AOTInductor exports take it at run time)")
+        self.num_items = int(tokens.shape[0])
 
     def scores(self, history_ids: np.ndarray, history_mask: np.ndarray, candidate_ids: np.ndarray) -> np.ndarray:
         return self._scores(history_ids=history_ids, history_mask=history_mask, candidate_ids=candidate_ids)[0]

@@ -11,6 +11,10 @@ tensors padded with negative ids after the real items. Requests are checked by t
 batches larger than the exported max batch are split into chunks. A NaN or infinite score is never returned:
 ``ModelOutputError`` names the request row instead (see ``validation.check_finite_scores``). Results are numpy
 arrays and match the PyTorch model (within the export's parity).
+
+An export's catalog is its item table's current version (``speeder_rt.export.items``): ``load`` reads it, and
+``reload_items`` switches to a newer one (e.g. after ``python -m speeder_rt.catalog add --export DIR``) without
+reloading the graphs; ids of the new items are accepted from then on.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from speeder_rt.export.format import EXPORT_JSON, Ranges, Runner
+from speeder_rt.export.items import read_item_tokens, read_pointer
 from speeder_rt.export.runners import check_threads, load_runner
 from speeder_rt.runtime.validation import Ids, RequestContract, check_finite_scores, check_finite_topk
 
@@ -29,12 +34,16 @@ class Recommender:
     """Answers ``recommend`` / ``recommend_batch`` (candidate scores) and ``topk`` (full catalog) through one
     ``Runner``; ``contract`` holds what it accepts."""
 
-    def __init__(self, runner: Runner, num_items: int, ranges: Ranges, engine: str, meta: dict[str, Any] | None = None) -> None:
+    def __init__(self, runner: Runner, num_items: int, ranges: Ranges, engine: str, meta: dict[str, Any] | None = None,
+                 export_dir: Path | None = None) -> None:
+        """``export_dir``: the export whose item table ``reload_items`` follows (None: the runner's table is fixed)."""
         self.runner = runner
         self.num_items = num_items
         self.ranges = ranges
         self.engine = engine
         self.meta = meta or {}
+        self.export_dir = export_dir
+        self.items_version: int | None = None  # the export's item-table version served (None: not an export)
         self.contract = RequestContract(num_items, ranges.max_history, ranges.max_candidates, runner.topk_k)
 
     @classmethod
@@ -50,13 +59,35 @@ class Recommender:
                 raise ValueError(f"{path}: neither an export directory (no {EXPORT_JSON}) nor a model directory "
                                  "(no config.json)")
             runner, meta = load_runner(path, device, threads)
-            return cls(runner, meta["num_items"], Ranges(**meta["ranges"]), meta["engine"], meta)
+            recommender = cls(runner, meta["num_items"], Ranges(**meta["ranges"]), meta["engine"], meta, path)
+            recommender.reload_items()
+            return recommender
         check_threads(threads)
         from speeder_rt.runtime.torch_runner import load_model_runner  # PyTorch and the model: for a model directory
 
         runner, model = load_model_runner(path, max_topk, device or "cpu", threads)
         return cls(runner, model.num_items, Ranges(max_history=model.cfg.max_history, max_candidates=2**31 - 1),
                    "torch", {"source_checkpoint": str(path)})
+
+    def reload_items(self) -> bool:
+        """Serve the export's current item table if it is newer than the one served; True when it switched. The
+        table is checked (``read_item_tokens``) before anything changes: a bad version raises ValueError and the
+        served one stays. Ids only grow (append-only versions), so a request checked against the old size is valid
+        for the new table too."""
+        if self.export_dir is None:
+            raise ValueError(f"{self.meta.get('source_checkpoint')}: a model directory has no versioned item table "
+                             "(add items with python -m speeder_rt.catalog add --model ... --out NEW_DIR)")
+        if self.items_version is not None and read_pointer(self.export_dir)["version"] == self.items_version:
+            return False
+        items = read_item_tokens(self.export_dir)
+        if items.num_items < self.num_items:
+            raise ValueError(f"{self.export_dir}: item table version {items.version} has {items.num_items} items, "
+                             f"fewer than the {self.num_items} served (versions only append)")
+        self.runner.set_item_tokens(items.tokens)  # the table first: the old contract's ids stay valid for it
+        self.num_items, self.items_version = items.num_items, items.version
+        self.contract = RequestContract(self.num_items, self.ranges.max_history, self.ranges.max_candidates,
+                                        self.runner.topk_k)
+        return True
 
     @property
     def max_topk(self) -> int:

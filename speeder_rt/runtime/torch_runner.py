@@ -18,9 +18,12 @@ class TorchRunner(ModuleRunner):
     no_topk = "this runner has no top-k graph (topk_k=0)"
 
     def __init__(self, model: SpeederModel, topk_k: int, device: str = "cpu", backend: str = "sdpa") -> None:
+        """The table is the model's own (``set_item_tokens`` replaces it, e.g. with rows appended)."""
         scores = ScoringGraph(model, backend=backend).to(device)
         topk = TopKGraph(model, topk_k, backend=backend).to(device) if topk_k else None
         super().__init__(scores, topk, topk_k, device)
+        with torch.no_grad():
+            self.set_item_tokens(model.item_token_table().float().cpu().numpy())
 
 
 def load_model_runner(path: Path, max_topk: int, device: str, threads: int | None) -> tuple[TorchRunner, SpeederModel]:

@@ -6,10 +6,16 @@ engine's CPU threads, 1 by default, as each instance is a process of its own) an
 batch of requests with one runtime call (``batch.answer``). A bad request gets ``INVALID_ARG`` (HTTP 400,
 gRPC INVALID_ARGUMENT) with the runtime's message and no traceback; the other requests of its batch are
 answered as if it had not been there. Only importable inside Triton's Python backend stub.
+
+New items without a restart: before a batch, at most every ``items_poll_s`` seconds (parameter, default 1), the
+instance reads the export's ``items/current.json`` and, for a new version, switches to its table
+(``Recommender.reload_items``) between two batches, so no request is failed and none sees half a table; a version
+that cannot be read is logged once and the served one stays.
 """
 from __future__ import annotations
 
 import json
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -17,11 +23,11 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from speeder_rt.export.format import io_specs
+from speeder_rt.export.format import io_specs, request_inputs
 from speeder_rt.runtime import Recommender
 from speeder_rt.serve.batch import CLIENT_ERRORS, answer
 
-INPUTS = {graph: tuple(s["name"] for s in spec["inputs"]) for graph, spec in io_specs(topk_k=1).items()}
+INPUTS = {graph: tuple(s["name"] for s in request_inputs(spec["inputs"])) for graph, spec in io_specs(topk_k=1).items()}
 
 
 class TritonPythonModel:
@@ -37,8 +43,28 @@ class TritonPythonModel:
         export_dir = (Path(args["model_repository"]) / params["export_dir"]).resolve()  # an absolute one stays
         self.recommender = Recommender.load(export_dir, threads=int(params.get("threads", "1")))
         self.logger = pb_utils.Logger
+        self.items_poll_s = float(params.get("items_poll_s", "1"))
+        self._next_poll = time.monotonic() + self.items_poll_s
+        self._refused = ""  # the last refused version's message (logged once)
+
+    def _poll_items(self) -> None:
+        """Switch to the export's current item table if it is new (at most every ``items_poll_s``)."""
+        now = time.monotonic()
+        if now < self._next_poll:
+            return
+        self._next_poll = now + self.items_poll_s
+        try:
+            if self.recommender.reload_items():
+                self.logger.log_info(f"{self.graph}: item table version {self.recommender.items_version}, "
+                                     f"{self.recommender.num_items} items")
+        except (OSError, ValueError) as e:  # a bad or vanished version: keep serving the current one
+            if str(e) != self._refused:
+                self._refused = str(e)
+                self.logger.log_error(f"{self.graph}: new item table refused, still serving version "
+                                      f"{self.recommender.items_version}: {e}")
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        self._poll_items()
         inputs = [{name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in INPUTS[self.graph]}
                   for r in requests]
         try:

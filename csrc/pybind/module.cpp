@@ -34,6 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("device", &ExportInfo::device)
       .def_readonly("dtype", &ExportInfo::dtype)
       .def_readonly("num_items", &ExportInfo::num_items)
+      .def_readonly("items_version", &ExportInfo::items_version)
       .def_readonly("max_batch", &ExportInfo::max_batch)
       .def_readonly("max_history", &ExportInfo::max_history)
       .def_readonly("max_candidates", &ExportInfo::max_candidates)
@@ -44,7 +45,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              return std::make_unique<Recommender>(export_dir, speeder_rt::Options{num_runners});
            }),
            py::arg("export_dir"), py::arg("num_runners") = 1, py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("info", &Recommender::info, py::return_value_policy::reference_internal)
+      .def_property_readonly("info", &Recommender::info)
+      .def("reload_items", &Recommender::reload_items, py::call_guard<py::gil_scoped_release>())
       .def("recommend", &Recommender::recommend, py::arg("histories"), py::arg("candidates"),
            py::call_guard<py::gil_scoped_release>())
       .def(

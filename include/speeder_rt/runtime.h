@@ -13,7 +13,14 @@
 // ModelOutputError instead of being returned (top-k never ranks one). A directory that is not an AOTInductor
 // export throws std::invalid_argument; an unreadable export.json or package std::runtime_error / c10::Error.
 //
-// Thread safety: all methods are const and may be called concurrently; there is no lock of ours. Each
+// The catalog is the export's item-token table (items/current.json and the .npy file it names, docs/export.md):
+// read on load, and again by reload_items(), which switches to a newer version (e.g. after
+// `python -m speeder_rt.catalog add --export DIR`) without reloading the graphs. The table is checked first (shape
+// and dtype against current.json and the graphs, every value finite: std::invalid_argument naming the file, row
+// and column); the sha256 in current.json is not checked here (the Python runtimes check it).
+//
+// Thread safety: all methods but reload_items are const and may be called concurrently, also during a reload: a
+// call serves the table that was current when it started (a mutex guards only that pointer). Each
 // call runs on one of Options::num_runners model instances that AOTInductor's container keeps (weights
 // shared) and waits while all of them are busy. On a CPU one run already uses every core (intra-op
 // threads): on the 2-core test machine 1, 2 or 4 runners under 8 threads all served ~1200 single-user
@@ -37,7 +44,8 @@ struct ExportInfo {
   std::string engine;          // "aoti"
   std::string device;          // the packages' device: "cpu", "cuda", "cuda:1"
   std::string dtype;           // "fp32", "fp16", "bf16"
-  int64_t num_items = 0;       // valid item ids: 0 .. num_items - 1
+  int64_t num_items = 0;       // valid item ids: 0 .. num_items - 1 (the served item table's rows)
+  int64_t items_version = 0;   // the served item table's version (items/current.json)
   int64_t max_batch = 0;       // rows per model call (larger batches are split)
   int64_t max_history = 0;     // items per history: 1 .. max_history
   int64_t max_candidates = 0;  // candidates per request: 1 .. max_candidates
@@ -100,7 +108,12 @@ class Recommender {
   Recommender(Recommender&&) noexcept;
   Recommender& operator=(Recommender&&) noexcept;
 
-  const ExportInfo& info() const;
+  ExportInfo info() const;  // as of the served item table
+
+  // Serve the export's current item table if its version differs from the one served; true when it switched.
+  // A table that fails its checks, or has fewer rows than the one served (versions only append), throws
+  // std::invalid_argument and the served table stays.
+  bool reload_items();
 
   // Scores [B][K] of each user's K candidates (every row has the same K), higher = more likely next.
   ScoreRows recommend(const IdRows& histories, const IdRows& candidates) const;

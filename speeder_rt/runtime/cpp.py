@@ -13,6 +13,9 @@ Bad requests raise ``speeder_rt.runtime.validation.RequestError`` with the Pytho
 shapes are checked here (the contract's parse stage), counts and ranges by the C++ library (its check stage,
 translated by the binding). A NaN or infinite score is refused by the C++ library too: the binding raises
 ``validation.ModelOutputError`` naming the request row and position, and nothing is returned.
+
+The catalog is the export's item table (``speeder_rt.export.items``), read by the C++ library on load;
+``reload_items`` switches to a newer version as ``Recommender.reload_items`` does.
 """
 from __future__ import annotations
 
@@ -47,10 +50,16 @@ class CppRecommender:
     def __init__(self, native: Any) -> None:
         self._native = native
         info = native.info
-        self.num_items: int = info.num_items
         self.ranges = Ranges(info.max_batch, info.max_history, info.max_candidates)
         self.max_topk: int = info.topk
         self.device: str = info.device
+        self._follow_items()
+
+    def _follow_items(self) -> None:
+        """The served item table's size and version (and the contract's catalog) from the C++ library."""
+        info = self._native.info
+        self.num_items: int = info.num_items
+        self.items_version: int = info.items_version
         self.contract = RequestContract(self.num_items, info.max_history, info.max_candidates, self.max_topk)
 
     @classmethod
@@ -59,6 +68,14 @@ class CppRecommender:
         if _C is None:
             raise ImportError(BUILD_HINT)
         return cls(_C.Recommender(str(path), num_runners))
+
+    def reload_items(self) -> bool:
+        """Serve the export's current item table if its version differs from the one served; True when it switched. A
+        table that fails its checks raises ValueError naming the file, and the served one stays."""
+        switched: bool = self._native.reload_items()
+        if switched:
+            self._follow_items()
+        return switched
 
     def recommend(self, history_ids: Ids, candidate_ids: Ids) -> np.ndarray:
         """Scores float32 [B, K] of each user's K candidates (higher = more likely next)."""

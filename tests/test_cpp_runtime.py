@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -208,6 +209,31 @@ def test_reload_items_serves_an_appended_version(items_export):
                                          r"only append\)$"):
         rec.reload_items()
     assert (rec.num_items, rec.items_version) == (123, 3)
+
+
+def test_requests_during_reloads_all_succeed_with_unchanged_scores(items_export):
+    """Versions only append, so an old item's score is the same under every version: 4 threads query while the
+    table grows by 3 versions; every answer equals the one before the first reload."""
+    rec = CppRecommender.load(items_export, num_runners=2)
+    want = rec.recommend(HISTORIES, CANDIDATES)
+    tokens = read_item_tokens(items_export).tokens
+    stop = threading.Event()
+
+    def query() -> int:
+        answers = 0
+        while not stop.is_set() or answers == 0:
+            np.testing.assert_array_equal(rec.recommend(HISTORIES, CANDIDATES), want)
+            answers += 1
+        return answers
+
+    with ThreadPoolExecutor(4) as pool:
+        clients = [pool.submit(query) for _ in range(4)]
+        for version in (2, 3, 4):
+            write_item_tokens(items_export, np.concatenate([tokens] + [tokens[:10]] * (version - 1)), version=version)
+            assert rec.reload_items()
+        stop.set()
+        assert all(client.result(timeout=60) > 0 for client in clients)  # re-raises a failed answer
+    assert (rec.num_items, rec.items_version) == (150, 4)
 
 
 def write_pointer(export: Path, **fields) -> None:

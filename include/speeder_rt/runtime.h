@@ -19,8 +19,8 @@
 // and dtype against current.json and the graphs, every value finite: std::invalid_argument naming the file, row
 // and column); the sha256 in current.json is not checked here (the Python runtimes check it).
 //
-// Thread safety: all methods but reload_items are const and may be called concurrently, also during a reload: a
-// call serves the table that was current when it started (a mutex guards only that pointer). Each
+// Thread safety: all methods may be called concurrently (reload_items calls run one at a time); a call serves the
+// item table that was current when it started (a mutex guards only the swap of that pointer). Each
 // call runs on one of Options::num_runners model instances that AOTInductor's container keeps (weights
 // shared) and waits while all of them are busy. On a CPU one run already uses every core (intra-op
 // threads): on the 2-core test machine 1, 2 or 4 runners under 8 threads all served ~1200 single-user

@@ -12,6 +12,10 @@ jobs more than the index).
 
 Run: ``python benchmarks/benchmark_catalog.py --items 1000000`` (``--dim 64``; ``--kinds exact,hnsw,ivf``);
 one JSON line per kind on stdout, a Markdown row each on stderr.
+
+``--export-add``: instead, ``catalog add --export`` of 1,000 items to an export's item table of ``--items`` rows
+(``add_export_items``: read + check the current version, write the next one, switch ``current.json``), median of
+``--add-rounds`` adds (each a new version); the directory holds only ``items/``, as the add never opens the graphs.
 """
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ import faiss
 import numpy as np
 
 from speeder_rt.catalog import ItemIndex, recall
+from speeder_rt.catalog.export_items import add_export_items
 from speeder_rt.catalog.synthetic import clustered_catalog
+from speeder_rt.export.items import write_item_tokens
 
 K, ADDED = 10, 1000
 
@@ -50,6 +56,24 @@ def saved_mib(index: ItemIndex) -> float:
         return sum(f.stat().st_size for f in (Path(tmp) / "index").iterdir()) / 2**20
 
 
+def export_add(items: int, dim: int, rounds: int) -> dict[str, object]:
+    """Seconds of adding ``ADDED`` items to an export's table of ``items`` rows (median and each of ``rounds``)."""
+    tokens, _ = clustered_catalog(items, dim, 0, seed=0)
+    new_tokens, _ = clustered_catalog(ADDED, dim, 0, seed=1)
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        write_item_tokens(tmp, tokens, version=1)
+        del tokens
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            added = add_export_items(tmp, new_tokens)
+            times.append(time.perf_counter() - start)
+        size_mib = sum(f.stat().st_size for f in Path(tmp).rglob("*.npy")) / 2**20
+    return {"items": items, "dim": dim, "added": ADDED, "add_s_median": round(float(np.median(times)), 3),
+            "add_s": [round(t, 3) for t in times], "last_version": added.version, "items_mib_on_disk": round(size_mib, 1),
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, required=True)
@@ -62,7 +86,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--effort-sweep", default="", help="also measure these search efforts (nprobe / efSearch), "
                         "comma-separated: recall@10 and batch-1 latency of each")
+    parser.add_argument("--export-add", action="store_true", help="measure catalog add --export instead (see above)")
+    parser.add_argument("--add-rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.export_add:
+        row = export_add(args.items, args.dim, args.add_rounds)
+        print(json.dumps(row), flush=True)
+        print(f"| {args.items:,} x {args.dim} | {ADDED:,} | {row['add_s_median']} s ({row['add_s']}) | "
+              f"{row['items_mib_on_disk']} MiB | {row['peak_rss_gib']} GiB |", file=sys.stderr, flush=True)
+        return
     faiss.omp_set_num_threads(args.threads)
     start = time.perf_counter()
     tokens, both = clustered_catalog(args.items, args.dim, args.queries + args.tune_queries, seed=0)

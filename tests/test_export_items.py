@@ -162,7 +162,7 @@ def test_a_corrupt_or_disagreeing_table_is_refused_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"item_tokens.npy: sha256 differs"):
         read_item_tokens(root)
     with_pointer(num_items=6)
-    with pytest.raises(ValueError, match=r"item_tokens.npy: shape \[5, 3\] / dtype float32 disagree .* \[6, 3\]"):
+    with pytest.raises(ValueError, match=r"item_tokens.npy: shape \[5, 3\] / dtype float32 disagree with current.json \(\[6, 3\]"):
         read_item_tokens(root)
     with_pointer(dtype="float16")
     with pytest.raises(ValueError, match=r"disagree with current.json \(\[5, 3\] / float16\)"):

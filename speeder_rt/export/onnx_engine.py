@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import numpy as np
+import torch
 from torch import nn
 
 from speeder_rt.export.format import ITEM_TOKENS, Ranges, io_specs

@@ -1,8 +1,8 @@
 """``OnnxRunner``: an ONNX export's graphs in ONNX Runtime sessions (numpy in, numpy out; no PyTorch).
 
-The item-token table is one ``OrtValue`` per version (``set_item_tokens``), passed with every request by
-``run_with_ort_values``: ONNX Runtime reads it in place, no copy per request (on CUDA it is copied to the device
-once per version)."""
+The item-token table is one ``OrtValue`` per version (``set_item_tokens``, on the session's device: copied to a GPU
+once per version), bound to every request's ``IOBinding``: ONNX Runtime reads it in place, no copy per request;
+the request's own inputs are bound from host memory and the outputs copied back to it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,8 +45,14 @@ class OnnxRunner:
     def _run(self, session: Any, **inputs: np.ndarray) -> list[np.ndarray]:
         if self._table is None:
             raise RuntimeError("no item tokens set (set_item_tokens)")
-        feed = {name: self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for name, a in inputs.items()}
-        return [o.numpy() for o in session.run_with_ort_values(None, {**feed, ITEM_TOKENS: self._table})]
+        binding = session.io_binding()
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        binding.bind_ortvalue_input(ITEM_TOKENS, self._table)
+        for output in session.get_outputs():
+            binding.bind_output(output.name, "cpu")
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
     def scores(self, history_ids: np.ndarray, history_mask: np.ndarray, candidate_ids: np.ndarray) -> np.ndarray:
         return self._run(self._scores, history_ids=history_ids, history_mask=history_mask, candidate_ids=candidate_ids)[0]

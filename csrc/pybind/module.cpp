@@ -1,7 +1,8 @@
 // speeder_rt._C: the Python module of the extension. It binds the C++ runtime's Recommender (speeder_rt.runtime.cpp
 // wraps it).
 // Calls release the GIL. speeder_rt::RequestError arrives in Python as speeder_rt.runtime.validation.RequestError
-// (field, reason), the exception of every Python runtime; any other std::invalid_argument as ValueError.
+// (field, reason) and speeder_rt::ModelOutputError as validation.ModelOutputError, the exceptions of every Python
+// runtime; any other std::invalid_argument as ValueError.
 #include "speeder_rt/runtime.h"
 
 #include <pybind11/pybind11.h>
@@ -21,6 +22,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     } catch (const speeder_rt::RequestError& e) {
       const py::object type = py::module_::import("speeder_rt.runtime.validation").attr("RequestError");
       PyErr_SetObject(type.ptr(), type(e.field(), e.reason()).ptr());
+    } catch (const speeder_rt::ModelOutputError& e) {
+      const py::object type = py::module_::import("speeder_rt.runtime.validation").attr("ModelOutputError");
+      PyErr_SetObject(type.ptr(), type(e.what()).ptr());
     }
   });
 
@@ -30,6 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("device", &ExportInfo::device)
       .def_readonly("dtype", &ExportInfo::dtype)
       .def_readonly("num_items", &ExportInfo::num_items)
+      .def_readonly("items_version", &ExportInfo::items_version)
       .def_readonly("max_batch", &ExportInfo::max_batch)
       .def_readonly("max_history", &ExportInfo::max_history)
       .def_readonly("max_candidates", &ExportInfo::max_candidates)
@@ -40,7 +45,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              return std::make_unique<Recommender>(export_dir, speeder_rt::Options{num_runners});
            }),
            py::arg("export_dir"), py::arg("num_runners") = 1, py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("info", &Recommender::info, py::return_value_policy::reference_internal)
+      .def_property_readonly("info", &Recommender::info)
+      .def("reload_items", &Recommender::reload_items, py::call_guard<py::gil_scoped_release>())
       .def("recommend", &Recommender::recommend, py::arg("histories"), py::arg("candidates"),
            py::call_guard<py::gil_scoped_release>())
       .def(

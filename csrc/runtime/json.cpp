@@ -200,6 +200,12 @@ const std::string& Value::as_string() const {
   return *v;
 }
 
+const Value::Array& Value::as_array() const {
+  const auto* v = std::get_if<Array>(&data_);
+  if (v == nullptr) throw std::runtime_error("JSON: not an array");
+  return *v;
+}
+
 Value parse(std::string_view text) {
   return Parser(text).document();
 }

@@ -23,6 +23,7 @@ class Value {
   const Value& at(std::string_view key) const;  // std::runtime_error when not an object or the key is missing
   int64_t as_int() const;                       // std::runtime_error unless an integral number
   const std::string& as_string() const;
+  const Array& as_array() const;                // std::runtime_error unless an array
   bool is_null() const { return std::holds_alternative<std::nullptr_t>(data_); }
 
  private:

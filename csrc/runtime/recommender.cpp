@@ -1,5 +1,6 @@
 #include "speeder_rt/runtime.h"
 
+#include "items.h"
 #include "json.h"
 #include "validation.h"
 
@@ -14,6 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 
@@ -72,30 +74,49 @@ std::vector<T> row_of(const at::Tensor& matrix, int64_t row, int64_t width) {
 
 }  // namespace
 
-struct Recommender::Impl {
+// What one call reads: the export's facts with the served item table's size and version, and that table.
+struct Served {
   ExportInfo info;
+  at::Tensor item_tokens;  // [num_items, dim] on the packages' device: the graphs' last input
+};
+
+struct Recommender::Impl {
+  ExportInfo info;  // export.json's (num_items: the catalog at export time)
   c10::Device device{c10::kCPU};
+  std::string table_dtype;  // the graphs' item_tokens input: "float32" or "float16", [num_items, table_dim]
+  int64_t table_dim = 0;
   std::unique_ptr<Loader> scores;
   std::unique_ptr<Loader> topk;  // null without a top-k graph
+  mutable std::mutex served_mutex;  // guards only the pointer swap
+  std::shared_ptr<const Served> served;
+  std::mutex reload_mutex;  // one reload_items at a time
 
-  // Runs a package; inputs are CPU tensors, outputs come back as contiguous CPU tensors.
-  std::vector<at::Tensor> run(Loader& loader, std::vector<at::Tensor> inputs) const {
+  std::shared_ptr<const Served> current() const {
+    const std::lock_guard<std::mutex> lock(served_mutex);
+    return served;
+  }
+
+  // Runs a package on the request's inputs (CPU tensors) and the item table; outputs come back as contiguous CPU
+  // tensors.
+  std::vector<at::Tensor> run(Loader& loader, std::vector<at::Tensor> inputs, const at::Tensor& item_tokens) const {
     c10::InferenceMode guard;
     for (auto& t : inputs) t = t.to(device);
+    inputs.push_back(item_tokens);
     std::vector<at::Tensor> outputs = loader.run(inputs);
     for (auto& t : outputs) t = t.to(c10::kCPU).contiguous();
     return outputs;
   }
 
   // Scores of validated rows sharing one candidate count, in chunks of max_batch, into *out[i].
-  void score(const Rows& histories, const Rows& candidates, const std::vector<std::vector<float>*>& out) const {
+  void score(const Served& served, const Rows& histories, const Rows& candidates,
+             const std::vector<std::vector<float>*>& out) const {
     for (size_t start = 0; start < histories.size(); start += info.max_batch) {
       const size_t stop = std::min(histories.size(), start + static_cast<size_t>(info.max_batch));
       const Rows hist(histories.begin() + start, histories.begin() + stop);
       const Rows cands(candidates.begin() + start, candidates.begin() + stop);
       std::vector<at::Tensor> inputs = history_inputs(hist);
       inputs.push_back(candidate_input(cands));
-      const at::Tensor result = run(*scores, std::move(inputs)).at(0);
+      const at::Tensor result = run(*scores, std::move(inputs), served.item_tokens).at(0);
       for (size_t i = start; i < stop; ++i) {
         *out[i] = row_of<float>(result, static_cast<int64_t>(i - start), result.size(1));
       }
@@ -141,25 +162,63 @@ Recommender::Recommender(const std::string& export_dir, const Options& options) 
     const fs::path file = dir / meta.at("graphs").at(graph).at("file").as_string();
     return std::make_unique<Loader>(file.string(), "model", false, options.num_runners, index);
   };
+  const json::Value* table = nullptr;  // the item_tokens input spec
+  for (const json::Value& input : meta.at("graphs").at("scores").at("inputs").as_array()) {
+    if (input.at("name").as_string() == "item_tokens") table = &input;
+  }
+  if (table == nullptr) {
+    throw std::invalid_argument(meta_path.string() + ": the graphs take no item_tokens input (an export written "
+                                "before item tables were versioned: re-export it)");
+  }
+  impl_->table_dtype = table->at("dtype").as_string();
+  impl_->table_dim = table->at("shape").as_array().at(1).as_int();
   impl_->scores = load("scores");
   if (meta.at("graphs").contains("topk")) {
     impl_->topk = load("topk");
   } else {
     info.topk = 0;
   }
+  reload_items();
 }
 
 Recommender::~Recommender() = default;
 Recommender::Recommender(Recommender&&) noexcept = default;
 Recommender& Recommender::operator=(Recommender&&) noexcept = default;
 
-const ExportInfo& Recommender::info() const {
-  return impl_->info;
+ExportInfo Recommender::info() const {
+  return impl_->current()->info;
+}
+
+bool Recommender::reload_items() {
+  const std::lock_guard<std::mutex> reload(impl_->reload_mutex);
+  const std::shared_ptr<const Served> old = impl_->current();
+  const fs::path dir(impl_->info.directory);
+  if (old != nullptr && items::current_version(dir) == old->info.items_version) return false;
+  items::Table table = items::read_current(dir);
+  const int64_t rows = table.tokens.size(0);
+  const std::string dtype = table.tokens.scalar_type() == at::kFloat ? "float32" : "float16";
+  if (dtype != impl_->table_dtype || table.tokens.size(1) != impl_->table_dim) {
+    throw std::invalid_argument(table.file + ": " + dtype + " rows of width " + std::to_string(table.tokens.size(1)) +
+                                "; the graphs' item_tokens input takes " + impl_->table_dtype + " rows of width " +
+                                std::to_string(impl_->table_dim));
+  }
+  if (old != nullptr && rows < old->info.num_items) {
+    throw std::invalid_argument(impl_->info.directory + ": item table version " + std::to_string(table.version) +
+                                " has " + std::to_string(rows) + " items, fewer than the " +
+                                std::to_string(old->info.num_items) + " served (versions only append)");
+  }
+  auto next = std::make_shared<Served>(Served{impl_->info, table.tokens.to(impl_->device)});
+  next->info.num_items = rows;
+  next->info.items_version = table.version;
+  const std::lock_guard<std::mutex> lock(impl_->served_mutex);
+  impl_->served = std::move(next);
+  return true;
 }
 
 ScoreRows Recommender::recommend(const IdRows& histories, const IdRows& candidates) const {
-  validation::check_histories(histories, impl_->info);
-  validation::check_candidates(candidates, histories.size(), impl_->info);
+  const std::shared_ptr<const Served> served = impl_->current();
+  validation::check_histories(histories, served->info);
+  validation::check_candidates(candidates, histories.size(), served->info);
 
   ScoreRows out(histories.size());
   Rows hist, cands;
@@ -169,12 +228,14 @@ ScoreRows Recommender::recommend(const IdRows& histories, const IdRows& candidat
     cands.push_back(&candidates[i]);
     targets.push_back(&out[i]);
   }
-  impl_->score(hist, cands, targets);
+  impl_->score(*served, hist, cands, targets);
+  validation::check_finite_scores(out, "history_ids");
   return out;
 }
 
 ScoreRows Recommender::recommend_batch(const std::vector<Request>& requests) const {
-  validation::check_requests(requests, impl_->info);
+  const std::shared_ptr<const Served> served = impl_->current();
+  validation::check_requests(requests, served->info);
   std::map<size_t, std::vector<size_t>> by_count;  // candidate count -> request indices, in order
   for (size_t i = 0; i < requests.size(); ++i) by_count[requests[i].candidates.size()].push_back(i);
   ScoreRows out(requests.size());
@@ -186,13 +247,15 @@ ScoreRows Recommender::recommend_batch(const std::vector<Request>& requests) con
       cands.push_back(&requests[i].candidates);
       targets.push_back(&out[i]);
     }
-    impl_->score(hist, cands, targets);
+    impl_->score(*served, hist, cands, targets);
   }
+  validation::check_finite_scores(out, "requests");
   return out;
 }
 
 TopK Recommender::topk(const IdRows& histories, int64_t k) const {
-  const ExportInfo& info = impl_->info;
+  const std::shared_ptr<const Served> served = impl_->current();
+  const ExportInfo& info = served->info;
   validation::check_k(k, info);
   validation::check_histories(histories, info);
   TopK out;
@@ -200,12 +263,13 @@ TopK Recommender::topk(const IdRows& histories, int64_t k) const {
     const size_t stop = std::min(histories.size(), start + static_cast<size_t>(info.max_batch));
     Rows hist;
     for (size_t i = start; i < stop; ++i) hist.push_back(&histories[i]);
-    const std::vector<at::Tensor> result = impl_->run(*impl_->topk, history_inputs(hist));
+    const std::vector<at::Tensor> result = impl_->run(*impl_->topk, history_inputs(hist), served->item_tokens);
     for (size_t i = start; i < stop; ++i) {
       out.ids.push_back(row_of<int64_t>(result.at(0), static_cast<int64_t>(i - start), k));
       out.scores.push_back(row_of<float>(result.at(1), static_cast<int64_t>(i - start), k));
     }
   }
+  validation::check_finite_topk(histories, out);
   return out;
 }
 

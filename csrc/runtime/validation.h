@@ -2,11 +2,13 @@
 // speeder_rt/runtime/validation.py (RequestContract), check for check, in the same order and with the same
 // messages, so that the C++ runtime, its binding and the Python runtimes refuse a request alike. The parse stage
 // (types and shapes) has no counterpart here: C++ callers' types are static; text is parsed by
-// speeder_rt::parse_item_ids.
+// speeder_rt::parse_item_ids. The results' checks mirror check_finite_scores / check_finite_topk (ModelOutputError).
 #pragma once
 
 #include "speeder_rt/runtime.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -82,6 +84,42 @@ inline void check_requests(const std::vector<Request>& requests, const ExportInf
     check_history(requests[i].history, field + ".history", info);
     check_count(requests[i].candidates.size(), field + ".candidates", info);
     check_ids(requests[i].candidates, field + ".candidates", info.num_items);
+  }
+}
+
+// The first non-finite score (row order, then position) as validation._non_finite_answer words it; the value as
+// Python's repr(float) shows it.
+inline ModelOutputError non_finite_answer(const std::string& row, const std::string& position, float value) {
+  const char* shown = std::isnan(value) ? "nan" : value > 0 ? "inf" : "-inf";
+  return ModelOutputError(row + ": the model scored " + position + " " + shown +
+                          "; its weights or item features are not finite (a diverged training or a corrupt export), "
+                          "so no scores are returned");
+}
+
+// Every score finite; row i is named field[i].
+inline void check_finite_scores(const ScoreRows& scores, const std::string& field) {
+  for (size_t i = 0; i < scores.size(); ++i) {
+    for (size_t j = 0; j < scores[i].size(); ++j) {
+      if (!std::isfinite(scores[i][j])) {
+        throw non_finite_answer(field + "[" + std::to_string(i) + "]", "candidate " + std::to_string(j), scores[i][j]);
+      }
+    }
+  }
+}
+
+// Every top-k score finite, or -inf for an item of the row's own history (the excluded items that a k beyond the
+// items left reaches): a NaN would otherwise rank first.
+inline void check_finite_topk(const IdRows& histories, const TopK& top) {
+  for (size_t i = 0; i < top.scores.size(); ++i) {
+    for (size_t rank = 0; rank < top.scores[i].size(); ++rank) {
+      const float score = top.scores[i][rank];
+      const int64_t item = top.ids[i][rank];
+      const bool excluded = std::find(histories[i].begin(), histories[i].end(), item) != histories[i].end();
+      if (!std::isfinite(score) && !(score == -INFINITY && excluded)) {
+        throw non_finite_answer("history_ids[" + std::to_string(i) + "]",
+                                "item " + std::to_string(item) + " (rank " + std::to_string(rank) + ")", score);
+      }
+    }
   }
 }
 

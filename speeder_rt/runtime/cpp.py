@@ -11,7 +11,11 @@ padded by negative ids after the real items. Calls release the GIL and may come 
 ``num_runners`` of them run concurrently (AOTInductor model instances sharing the weights), the rest wait.
 Bad requests raise ``speeder_rt.runtime.validation.RequestError`` with the Python runtimes' messages: types and
 shapes are checked here (the contract's parse stage), counts and ranges by the C++ library (its check stage,
-translated by the binding). A NaN or infinite score is refused here (``validation.ModelOutputError``), not returned.
+translated by the binding). A NaN or infinite score is refused by the C++ library too: the binding raises
+``validation.ModelOutputError`` naming the request row and position, and nothing is returned.
+
+The catalog is the export's item table (``speeder_rt.export.items``), read by the C++ library on load;
+``reload_items`` switches to a newer version as ``Recommender.reload_items`` does.
 """
 from __future__ import annotations
 
@@ -23,8 +27,7 @@ import numpy as np
 import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 from speeder_rt.export.format import Ranges
-from speeder_rt.runtime.recommender import pad_histories
-from speeder_rt.runtime.validation import Ids, RequestContract, Rows, check_finite_scores, check_finite_topk
+from speeder_rt.runtime.validation import Ids, RequestContract, Rows
 
 try:
     import speeder_rt._C as _C
@@ -47,10 +50,16 @@ class CppRecommender:
     def __init__(self, native: Any) -> None:
         self._native = native
         info = native.info
-        self.num_items: int = info.num_items
         self.ranges = Ranges(info.max_batch, info.max_history, info.max_candidates)
         self.max_topk: int = info.topk
         self.device: str = info.device
+        self._follow_items()
+
+    def _follow_items(self) -> None:
+        """The served item table's size and version (and the contract's catalog) from the C++ library."""
+        info = self._native.info
+        self.num_items: int = info.num_items
+        self.items_version: int = info.items_version
         self.contract = RequestContract(self.num_items, info.max_history, info.max_candidates, self.max_topk)
 
     @classmethod
@@ -60,30 +69,29 @@ class CppRecommender:
             raise ImportError(BUILD_HINT)
         return cls(_C.Recommender(str(path), num_runners))
 
+    def reload_items(self) -> bool:
+        """Serve the export's current item table if its version differs from the one served; True when it switched. A
+        table that fails its checks raises ValueError naming the file, and the served one stays."""
+        switched: bool = self._native.reload_items()
+        if switched:
+            self._follow_items()
+        return switched
+
     def recommend(self, history_ids: Ids, candidate_ids: Ids) -> np.ndarray:
         """Scores float32 [B, K] of each user's K candidates (higher = more likely next)."""
         histories, candidates = self.contract.parse_recommend(history_ids, candidate_ids)
-        scores = np.asarray(self._native.recommend(_lists(histories), _lists(candidates)), dtype=np.float32)
-        check_finite_scores(scores)
-        return scores
+        return np.asarray(self._native.recommend(_lists(histories), _lists(candidates)), dtype=np.float32)
 
     def recommend_batch(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[np.ndarray]:
         """Scores float32 [K_i] per (history, candidates) request; requests with the same K run batched together."""
         pairs = [(h.tolist(), c.tolist()) for h, c in self.contract.parse_requests(requests)]
-        out = [np.asarray(s, dtype=np.float32) for s in self._native.recommend_batch(pairs)]
-        if out and not np.isfinite(np.concatenate(out)).all():
-            first = next(i for i, scores in enumerate(out) if not np.isfinite(scores).all())
-            check_finite_scores(out[first][None], "requests", [first])
-        return out
+        return [np.asarray(s, dtype=np.float32) for s in self._native.recommend_batch(pairs)]
 
     def topk(self, history_ids: Ids, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(item ids int64 [B, k], scores float32 [B, k]) over the whole catalog, history items excluded."""
         histories, k = self.contract.parse_topk(history_ids, k)
         ids, scores = self._native.topk(_lists(histories), k)
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1, k)
-        scores = np.asarray(scores, dtype=np.float32).reshape(-1, k)
-        check_finite_topk(pad_histories(histories)[0], ids, scores)  # the C++ checks refused an empty batch
-        return ids, scores
+        return np.asarray(ids, dtype=np.int64).reshape(-1, k), np.asarray(scores, dtype=np.float32).reshape(-1, k)
 
 
 def _lists(rows: Rows) -> list[list[int]]:

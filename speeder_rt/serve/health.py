@@ -32,13 +32,18 @@ STUB_COMMAND = "triton_python_b"  # /proc/PID/comm of triton_python_backend_stub
 
 
 def child_processes(pid: int) -> list[int]:
-    """The live (not zombie) children of ``pid``."""
+    """The live (not zombie) children of ``pid`` (each thread lists the ones it started; a thread that exits while
+    they are read is skipped, not taken for a process without children)."""
     children: list[int] = []
     try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            children += [int(c) for c in (task / "children").read_text().split()]
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return []
+    for task in tasks:
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
     return [c for c in children if _alive(c)]
 
 
@@ -138,11 +143,15 @@ class Health:
         task.add_done_callback(self._tasks.discard)
 
     async def watch(self) -> None:
-        """Count each model's stubs every POLL_S; report the models that lost one."""
+        """Count each model's stubs every POLL_S; report the models that lost one. A stub seen before counts until
+        it is dead (``/proc/<pid>/task/*/children`` may miss a child while tritonserver starts or ends threads)."""
+        seen: dict[str, set[int]] = {name: set() for name in self.models}
         while self.failed is None and not self._stopping:
             stubs = stubs_by_model(self.server_pid)
             for name, model in self.models.items():
-                live = len(stubs.get(name, []))
+                listed = set(stubs.get(name, []))
+                seen[name] = listed if name in self.down else listed | {pid for pid in seen[name] if _alive(pid)}
+                live = len(seen[name])
                 if name not in self.down and live < model.instances:
                     self.report(name, f"{model.instances - live} of its {model.instances} instance processes died")
             await asyncio.sleep(POLL_S)

@@ -22,6 +22,11 @@ that failed meanwhile (503; a client waits 0.1 s after one), and the RSS of the 
 front), tritonserver and every stub after a warm-up, just before the kill and at the end. Goal: 0 unexpected
 outcomes (a valid request that fails outside the recovery, an invalid one answered other than 4xx), RSS growth
 <= 5 % after warm-up, recovery <= 10 s; the test fails when one is missed (the figures are printed either way).
+
+Reloads (``-k reload``; ``RELOADS``, default 20): the ``speeder`` stub killed with SIGKILL ``RELOADS`` times while 16
+HTTP clients send requests, each time after the model is ready again: tritonserver's RSS after each reload, and how
+many of the killed instances tritonserver finished unloading (tritonserver 2.51 never finishes unloading an
+instance whose stub died with a request executing; docs/serving.md). No goal: a measurement of that cost.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -92,7 +98,7 @@ def server(tmp_path_factory):
             assert time.monotonic() < deadline, f"not ready within {START_TIMEOUT_S} s"
             time.sleep(0.5)
         yield {"grpc": f"127.0.0.1:{grpc}", "metrics": f"http://127.0.0.1:{metrics}/metrics",
-               "http": f"http://127.0.0.1:{http}", "pid": proc.pid}
+               "http": f"http://127.0.0.1:{http}", "pid": proc.pid, "log": work / "server.log"}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -346,3 +352,67 @@ def test_serving_soak(benchmark, server) -> None:
     assert not result["unexpected"], result["unexpected"][:10]
     assert figures["recovery_s"] is not None and figures["recovery_s"] <= GOAL_RECOVERY_S, figures["recovery_s"]
     assert worst <= GOAL_RSS_GROWTH, f"RSS grew {worst:.1%} after warm-up: {growth_whole}"
+
+
+# -- reloads -----------------------------------------------------------------------------------------------------
+RELOADS, RELOAD_CLIENTS = int(os.environ.get("RELOADS", "20")), 16
+
+
+def model_ready(http: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{http}/v2/models/speeder/ready", timeout=10) as response:
+            return response.status == 200
+    except OSError:  # HTTPError 503 included
+        return False
+
+
+def reload_cycles(server: dict, count: int) -> list[float]:
+    """tritonserver's RSS (MiB) before and after each of ``count`` kill -9 -> reload cycles of the speeder stub
+    under RELOAD_CLIENTS clients sending valid requests."""
+    http, pid = server["http"], server["pid"]
+    triton = serving_processes(pid)["tritonserver"]
+    body, stop = soak_body(np.random.default_rng(2), "valid"), threading.Event()
+
+    def client() -> None:
+        request = urllib.request.Request(f"{http}/v2/models/speeder/infer", data=body)
+        while not stop.is_set():
+            try:
+                urllib.request.urlopen(request, timeout=60).read()
+            except OSError:  # 503 while the model is down
+                time.sleep(0.1)
+
+    clients = [threading.Thread(target=client) for _ in range(RELOAD_CLIENTS)]
+    for thread in clients:
+        thread.start()
+    try:
+        time.sleep(2.0)
+        series = [round(rss_mib(triton), 2)]
+        for _ in range(count):
+            os.kill(serving_processes(pid)["stub speeder #0"], signal.SIGKILL)
+            killed = time.monotonic()
+            while model_ready(http) and time.monotonic() < killed + 5:  # until the front has seen it down
+                time.sleep(0.05)
+            while not model_ready(http):
+                assert time.monotonic() < killed + START_TIMEOUT_S, f"not ready {START_TIMEOUT_S} s after the kill"
+                time.sleep(0.1)
+            time.sleep(2.0)  # requests flow again
+            series.append(round(rss_mib(triton), 2))
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=120)
+    return series
+
+
+def test_serving_reload_memory(benchmark, server) -> None:
+    log_start = server["log"].stat().st_size
+    series = benchmark.pedantic(lambda: reload_cycles(server, RELOADS), rounds=1, iterations=1)
+    log = server["log"].read_bytes()[log_start:].decode(errors="replace")
+    steps = [round(b - a, 2) for a, b in zip(series, series[1:])]
+    figures = {"reloads": RELOADS, "clients": RELOAD_CLIENTS, "tritonserver_rss_mib": series,
+               "per_reload_mib": steps, "mean_per_reload_mib": round((series[-1] - series[0]) / RELOADS, 3),
+               "killed_instances_unloaded": log.count("successfully unloaded 'speeder' version"),
+               "recoveries_logged": log.count("model speeder recovered in")}
+    benchmark.extra_info.update(figures)
+    print("\nserving reloads:", json.dumps(figures))
+    assert figures["recoveries_logged"] == RELOADS, log[-3000:]

@@ -27,6 +27,11 @@ Reloads (``-k reload``; ``RELOADS``, default 20): the ``speeder`` stub killed wi
 HTTP clients send requests, each time after the model is ready again: tritonserver's RSS after each reload, and how
 many of the killed instances tritonserver finished unloading (tritonserver 2.51 never finishes unloading an
 instance whose stub died with a request executing; docs/serving.md). No goal: a measurement of that cost.
+
+Engine memory (``-k engine_memory``; ``ENGINE_CALLS``, default 3,000): the RSS of a fresh process running the
+export's scoring graph in ONNX Runtime (one thread, as a stub does) on random batch shapes (1..64 rows, histories
+1..10), with ORT's per-shape memory pattern on (its default) and off (``OnnxRunner``'s setting): why a served stub
+grew until it had seen every batch shape.
 """
 from __future__ import annotations
 
@@ -67,14 +72,20 @@ SERVE_ARGS = shlex.split(os.environ.get("SERVE_ARGS", ""))
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The tiny model's ONNX export, served by the CLI on free loopback ports; stopped by PID afterwards."""
+def work(tmp_path_factory) -> Path:
+    """A directory with the tiny model's ONNX export in ``onnx/``."""
     _, table = generate_synthetic(SyntheticConfig(n_items=N_ITEMS, n_users=20, seed=3))
     torch.manual_seed(0)
     model = SpeederModel(SpeederConfig(backbone=BackboneConfig(shape="tiny"), d_expert=32, max_history=MAX_HISTORY,
                                        modalities=["text", "image"]), table).eval()
     work = tmp_path_factory.mktemp("serving_bench")
     export_model(model, "onnx", work / "onnx", ranges=Ranges(64, MAX_HISTORY, CANDIDATES), topk=10, log=lambda *_: None)
+    return work
+
+
+@pytest.fixture(scope="module")
+def server(work):
+    """The export served by the CLI on free loopback ports; stopped by PID afterwards."""
     socks = [socket.socket() for _ in range(3)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
@@ -416,3 +427,40 @@ def test_serving_reload_memory(benchmark, server) -> None:
     benchmark.extra_info.update(figures)
     print("\nserving reloads:", json.dumps(figures))
     assert figures["recoveries_logged"] == RELOADS, log[-3000:]
+
+
+# -- engine memory -----------------------------------------------------------------------------------------------
+ENGINE_CALLS = int(os.environ.get("ENGINE_CALLS", "3000"))
+ENGINE_RSS = f"""
+import json, sys, numpy as np, onnxruntime as ort
+def rss():
+    return next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+options = ort.SessionOptions()
+options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+options.enable_mem_pattern = sys.argv[2] == "on"
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+rng, calls, series = np.random.default_rng(0), int(sys.argv[3]), {{}}
+for i in range(1, calls + 1):
+    rows, width = int(rng.integers(1, 65)), int(rng.integers(1, {MAX_HISTORY} + 1))
+    session.run(None, {{"history_ids": rng.integers(0, {N_ITEMS}, size=(rows, width)),
+                        "history_mask": np.ones((rows, width), bool),
+                        "candidate_ids": rng.integers(0, {N_ITEMS}, size=(rows, {CANDIDATES}))}})
+    if i in (100, 500, 1000, 2000) or i == calls:
+        series[i] = round(rss(), 1)
+print(json.dumps(series))
+"""
+
+
+def test_engine_memory_by_batch_shape(benchmark, work) -> None:
+    graph = str(work / "onnx" / "model_repository" / "speeder" / "1" / "model.onnx")
+
+    def measure() -> dict[str, dict[str, float]]:
+        return {f"mem_pattern_{setting}": json.loads(subprocess.run(
+            [sys.executable, "-c", ENGINE_RSS, graph, setting, str(ENGINE_CALLS)], capture_output=True, text=True,
+            check=True, timeout=1800).stdout) for setting in ("on", "off")}
+
+    series = benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update(series)
+    print("\nengine RSS (MiB) after N random batch shapes:", json.dumps(series))
+    off = list(series["mem_pattern_off"].values())
+    assert off[-1] <= off[1] * 1.05, f"RSS grew {off[-1] / off[1] - 1:.1%} after 500 batches without the memory pattern"

@@ -35,8 +35,6 @@ SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 METHOD_PREFIX = f"/{SERVICE.full_name}/"
 # the metadata that belongs to the connection (HTTP/2 and gRPC's own), not to the call: not forwarded
 CONNECTION_METADATA = ("user-agent", "content-type", "te", "host", "grpc-")
-
-
 Upstream = Callable[..., Awaitable[bytes]]  # a raw (bytes in, bytes out) unary method of tritonserver
 
 
@@ -53,6 +51,9 @@ def _forwarded(metadata: tuple[tuple[str, str | bytes], ...] | None) -> tuple[tu
 
 
 class GrpcFront:
+    """The gRPC server on the public port, forwarding to tritonserver's gRPC endpoint at ``upstream`` (see the module
+    docstring)."""
+
     def __init__(self, upstream: str, models: list[str], health: Health, gate: Gate, max_message_bytes: int) -> None:
         self.models = models
         self.health = health

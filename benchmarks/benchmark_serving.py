@@ -24,7 +24,8 @@ outcomes (a valid request that fails outside the recovery, an invalid one answer
 <= 5 % after warm-up, recovery <= 10 s; the test fails when one is missed (the figures are printed either way).
 
 Reloads (``-k reload``; ``RELOADS``, default 20): the ``speeder`` stub killed with SIGKILL ``RELOADS`` times while 16
-HTTP clients send requests, each time after the model is ready again: tritonserver's RSS after each reload, and how
+HTTP clients send requests, each time 11 s after the model is ready again (a death sooner counts as a failed
+recovery): tritonserver's RSS after each reload, and how
 many of the killed instances tritonserver finished unloading (tritonserver 2.51 never finishes unloading an
 instance whose stub died with a request executing; docs/serving.md). No goal: a measurement of that cost.
 
@@ -380,6 +381,8 @@ def model_ready(http: str) -> bool:
 def reload_cycles(server: dict, count: int) -> list[float]:
     """tritonserver's RSS (MiB) before and after each of ``count`` kill -9 -> reload cycles of the speeder stub
     under RELOAD_CLIENTS clients sending valid requests."""
+    from speeder_rt.serve.health import STABLE_S
+
     http, pid = server["http"], server["pid"]
     triton = serving_processes(pid)["tritonserver"]
     body, stop = soak_body(np.random.default_rng(2), "valid"), threading.Event()
@@ -406,7 +409,7 @@ def reload_cycles(server: dict, count: int) -> list[float]:
             while not model_ready(http):
                 assert time.monotonic() < killed + START_TIMEOUT_S, f"not ready {START_TIMEOUT_S} s after the kill"
                 time.sleep(0.1)
-            time.sleep(2.0)  # requests flow again
+            time.sleep(STABLE_S + 1.0)  # requests flow again; a death sooner would count as a failed recovery
             series.append(round(rss_mib(triton), 2))
     finally:
         stop.set()

@@ -21,7 +21,7 @@ class OnnxRunner:
         options = ort.SessionOptions()
         # ORT's memory pattern is planned and kept per input shape: with dynamic batch / history / candidate sizes the
         # process grows with every new shape (+17 MiB over the first 1,000 random batch shapes of a served model,
-        # -29 MiB and flat without it, no measurable speed difference: benchmarks/RESULTS.md, serving soak).
+        # -29 MiB and flat without it, no measurable speed difference: benchmarks/RESULTS.md, serving memory).
         options.enable_mem_pattern = False
         if threads is not None:
             options.intra_op_num_threads = threads

@@ -22,6 +22,17 @@ that failed meanwhile (503; a client waits 0.1 s after one), and the RSS of the 
 front), tritonserver and every stub after a warm-up, just before the kill and at the end. Goal: 0 unexpected
 outcomes (a valid request that fails outside the recovery, an invalid one answered other than 4xx), RSS growth
 <= 5 % after warm-up, recovery <= 10 s; the test fails when one is missed (the figures are printed either way).
+
+Reloads (``-k reload``; ``RELOADS``, default 20): the ``speeder`` stub killed with SIGKILL ``RELOADS`` times while 16
+HTTP clients send requests, each time 11 s after the model is ready again (a death sooner counts as a failed
+recovery): tritonserver's RSS after each reload, and how
+many of the killed instances tritonserver finished unloading (tritonserver 2.51 never finishes unloading an
+instance whose stub died with a request executing; docs/serving.md). No goal: a measurement of that cost.
+
+Engine memory (``-k engine_memory``; ``ENGINE_CALLS``, default 3,000): the RSS of a fresh process running the
+export's scoring graph in ONNX Runtime (one thread, as a stub does) on random batch shapes (1..64 rows, histories
+1..10), with ORT's per-shape memory pattern on (its default) and off (``OnnxRunner``'s setting): why a served stub
+grew until it had seen every batch shape.
 """
 from __future__ import annotations
 
@@ -36,6 +47,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -61,14 +73,20 @@ SERVE_ARGS = shlex.split(os.environ.get("SERVE_ARGS", ""))
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The tiny model's ONNX export, served by the CLI on free loopback ports; stopped by PID afterwards."""
+def work(tmp_path_factory) -> Path:
+    """A directory with the tiny model's ONNX export in ``onnx/``."""
     _, table = generate_synthetic(SyntheticConfig(n_items=N_ITEMS, n_users=20, seed=3))
     torch.manual_seed(0)
     model = SpeederModel(SpeederConfig(backbone=BackboneConfig(shape="tiny"), d_expert=32, max_history=MAX_HISTORY,
                                        modalities=["text", "image"]), table).eval()
     work = tmp_path_factory.mktemp("serving_bench")
     export_model(model, "onnx", work / "onnx", ranges=Ranges(64, MAX_HISTORY, CANDIDATES), topk=10, log=lambda *_: None)
+    return work
+
+
+@pytest.fixture(scope="module")
+def server(work):
+    """The export served by the CLI on free loopback ports; stopped by PID afterwards."""
     socks = [socket.socket() for _ in range(3)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
@@ -92,7 +110,7 @@ def server(tmp_path_factory):
             assert time.monotonic() < deadline, f"not ready within {START_TIMEOUT_S} s"
             time.sleep(0.5)
         yield {"grpc": f"127.0.0.1:{grpc}", "metrics": f"http://127.0.0.1:{metrics}/metrics",
-               "http": f"http://127.0.0.1:{http}", "pid": proc.pid}
+               "http": f"http://127.0.0.1:{http}", "pid": proc.pid, "log": work / "server.log"}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -346,3 +364,107 @@ def test_serving_soak(benchmark, server) -> None:
     assert not result["unexpected"], result["unexpected"][:10]
     assert figures["recovery_s"] is not None and figures["recovery_s"] <= GOAL_RECOVERY_S, figures["recovery_s"]
     assert worst <= GOAL_RSS_GROWTH, f"RSS grew {worst:.1%} after warm-up: {growth_whole}"
+
+
+# -- reloads -----------------------------------------------------------------------------------------------------
+RELOADS, RELOAD_CLIENTS = int(os.environ.get("RELOADS", "20")), 16
+
+
+def model_ready(http: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{http}/v2/models/speeder/ready", timeout=10) as response:
+            return response.status == 200
+    except OSError:  # HTTPError 503 included
+        return False
+
+
+def reload_cycles(server: dict, count: int) -> list[float]:
+    """tritonserver's RSS (MiB) before and after each of ``count`` kill -9 -> reload cycles of the speeder stub
+    under RELOAD_CLIENTS clients sending valid requests."""
+    from speeder_rt.serve.health import STABLE_S
+
+    http, pid = server["http"], server["pid"]
+    triton = serving_processes(pid)["tritonserver"]
+    body, stop = soak_body(np.random.default_rng(2), "valid"), threading.Event()
+
+    def client() -> None:
+        request = urllib.request.Request(f"{http}/v2/models/speeder/infer", data=body)
+        while not stop.is_set():
+            try:
+                urllib.request.urlopen(request, timeout=60).read()
+            except OSError:  # 503 while the model is down
+                time.sleep(0.1)
+
+    clients = [threading.Thread(target=client) for _ in range(RELOAD_CLIENTS)]
+    for thread in clients:
+        thread.start()
+    try:
+        time.sleep(2.0)
+        series = [round(rss_mib(triton), 2)]
+        for _ in range(count):
+            os.kill(serving_processes(pid)["stub speeder #0"], signal.SIGKILL)
+            killed = time.monotonic()
+            while model_ready(http) and time.monotonic() < killed + 5:  # until the front has seen it down
+                time.sleep(0.05)
+            while not model_ready(http):
+                assert time.monotonic() < killed + START_TIMEOUT_S, f"not ready {START_TIMEOUT_S} s after the kill"
+                time.sleep(0.1)
+            time.sleep(STABLE_S + 1.0)  # requests flow again; a death sooner would count as a failed recovery
+            series.append(round(rss_mib(triton), 2))
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=120)
+    return series
+
+
+def test_serving_reload_memory(benchmark, server) -> None:
+    log_start = server["log"].stat().st_size
+    series = benchmark.pedantic(lambda: reload_cycles(server, RELOADS), rounds=1, iterations=1)
+    log = server["log"].read_bytes()[log_start:].decode(errors="replace")
+    steps = [round(b - a, 2) for a, b in zip(series, series[1:])]
+    figures = {"reloads": RELOADS, "clients": RELOAD_CLIENTS, "tritonserver_rss_mib": series,
+               "per_reload_mib": steps, "mean_per_reload_mib": round((series[-1] - series[0]) / RELOADS, 3),
+               "killed_instances_unloaded": log.count("successfully unloaded 'speeder' version"),
+               "recoveries_logged": log.count("model speeder recovered in"),
+               "downs_logged": log.count("model speeder is down")}  # more than RELOADS: a new stub died as well
+    benchmark.extra_info.update(figures)
+    print("\nserving reloads:", json.dumps(figures))
+    assert figures["recoveries_logged"] >= RELOADS and "could not be recovered" not in log, log[-3000:]
+
+
+# -- engine memory -----------------------------------------------------------------------------------------------
+ENGINE_CALLS = int(os.environ.get("ENGINE_CALLS", "3000"))
+ENGINE_RSS = f"""
+import json, sys, numpy as np, onnxruntime as ort
+def rss():
+    return next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+options = ort.SessionOptions()
+options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+options.enable_mem_pattern = sys.argv[2] == "on"
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+rng, calls, series = np.random.default_rng(0), int(sys.argv[3]), {{}}
+for i in range(1, calls + 1):
+    rows, width = int(rng.integers(1, 65)), int(rng.integers(1, {MAX_HISTORY} + 1))
+    session.run(None, {{"history_ids": rng.integers(0, {N_ITEMS}, size=(rows, width)),
+                        "history_mask": np.ones((rows, width), bool),
+                        "candidate_ids": rng.integers(0, {N_ITEMS}, size=(rows, {CANDIDATES}))}})
+    if i in (100, 500, 1000, 2000) or i == calls:
+        series[i] = round(rss(), 1)
+print(json.dumps(series))
+"""
+
+
+def test_engine_memory_by_batch_shape(benchmark, work) -> None:
+    graph = str(work / "onnx" / "model_repository" / "speeder" / "1" / "model.onnx")
+
+    def measure() -> dict[str, dict[str, float]]:
+        return {f"mem_pattern_{setting}": json.loads(subprocess.run(
+            [sys.executable, "-c", ENGINE_RSS, graph, setting, str(ENGINE_CALLS)], capture_output=True, text=True,
+            check=True, timeout=1800).stdout) for setting in ("on", "off")}
+
+    series = benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update(series)
+    print("\nengine RSS (MiB) after N random batch shapes:", json.dumps(series))
+    off = list(series["mem_pattern_off"].values())
+    assert off[-1] <= off[1] * 1.05, f"RSS grew {off[-1] / off[1] - 1:.1%} after 500 batches without the memory pattern"

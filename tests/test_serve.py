@@ -423,20 +423,40 @@ def test_a_killed_stub_is_reloaded_and_a_model_that_cannot_be_reloaded_stops_the
     assert "recovery 2/2 of model speeder failed: load failed for model 'speeder'" in log
 
 
+def grpc_infer(client, histories, candidates):
+    """("OK", scores) or (the gRPC status, e.g. "StatusCode.UNAVAILABLE", and its message) of one ``speeder`` request."""
+    ids, mask = padded(histories)
+    try:
+        return "OK", client.infer("speeder", inputs(grpcclient, ids, mask, candidates)).as_numpy("scores")
+    except InferenceServerException as e:
+        return e.status(), e.message()
+
+
 def check_recovery(server, rec):
-    """kill -9 of the speeder stub under a client's requests: the checks of the test above."""
+    """kill -9 of the speeder stub under an HTTP and a gRPC client's requests: the checks of the test above."""
     body, want = json_request(HISTORIES, CANDIDATES), rec.recommend(HISTORIES, CANDIDATES)
     (stub,) = stub_pids(server, "speeder")
-    outcomes, stop = [], threading.Event()
+    outcomes, grpc_outcomes, stop = [], [], threading.Event()
+    grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
 
     def client():
         while not stop.is_set():
+            sent = time.monotonic()
             code, answer = post(server, body)
-            outcomes.append((time.monotonic(), code, answer))  # when it was answered
+            outcomes.append((sent, time.monotonic(), code, answer))
             time.sleep(0.05)
 
-    sender = threading.Thread(target=client)
-    sender.start()
+    def grpc_client():
+        own = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+        while not stop.is_set():
+            sent = time.monotonic()
+            code, answer = grpc_infer(own, HISTORIES, CANDIDATES)
+            grpc_outcomes.append((sent, time.monotonic(), code, answer))
+            time.sleep(0.05)
+
+    senders = [threading.Thread(target=client), threading.Thread(target=grpc_client)]
+    for sender in senders:
+        sender.start()
     try:
         time.sleep(0.5)
         killed = time.monotonic()
@@ -446,6 +466,8 @@ def check_recovery(server, rec):
             time.sleep(0.05)
         assert time.monotonic() < deadline, "the model stayed ready for 2 s after its stub was killed"
         assert status(server, "/v2/health/ready") == 503
+        assert not grpc.is_model_ready("speeder") and not grpc.is_server_ready() and grpc.is_server_live()
+        assert grpc.is_model_ready("speeder_topk")
         assert status(server, "/v2/models/speeder_topk/ready") == 200  # the other model is not affected
         code, answer = post(server, json_request(HISTORIES), model="speeder_topk", timeout=10)
         assert code == 200 and answer["outputs"][0]["data"] == rec.topk(HISTORIES, k=TOPK)[0].ravel().tolist()
@@ -457,17 +479,27 @@ def check_recovery(server, rec):
         time.sleep(0.5)
     finally:
         stop.set()
-        sender.join(timeout=60)
-    assert status(server, "/v2/health/ready") == 200
-    failures = [(t, code, answer) for t, code, answer in outcomes if code != 200]
-    assert failures and all(code == 503 and answer.startswith("model speeder is recovering: ") for _, code, answer
+        for sender in senders:
+            sender.join(timeout=60)
+    assert status(server, "/v2/health/ready") == 200 and grpc.is_server_ready() and grpc.is_model_ready("speeder")
+    failures = [outcome for outcome in outcomes if outcome[2] != 200]
+    assert failures and all(code == 503 and answer.startswith("model speeder is recovering: ") for *_, code, answer
                             in failures), failures[:3]
-    assert all(killed <= t <= recovered for t, *_ in failures)  # bounded: only while it was down
-    for _, code, answer in outcomes:
+    grpc_failures = [outcome for outcome in grpc_outcomes if outcome[2] != "OK"]
+    assert grpc_failures and all(code == "StatusCode.UNAVAILABLE" and answer.startswith("model speeder is recovering: ")
+                                 for *_, code, answer in grpc_failures), grpc_failures[:3]
+    # bounded: only requests sent before the recovery was seen and answered after the kill
+    assert all(answered >= killed and sent <= recovered for sent, answered, *_ in failures + grpc_failures), (
+        killed, recovered, [f[:2] for f in failures + grpc_failures if not (f[1] >= killed and f[0] <= recovered)])
+    for *_, code, answer in outcomes:
         if code == 200:
             got = np.array(answer["outputs"][0]["data"], dtype=np.float32).reshape(want.shape)
             np.testing.assert_array_equal(got, want)
-    assert any(t > recovered and code == 200 for t, code, _ in outcomes)
+    for *_, code, answer in grpc_outcomes:
+        if code == "OK":
+            np.testing.assert_array_equal(answer, want)
+    assert any(sent > recovered and code == 200 for sent, _, code, _ in outcomes)
+    assert any(sent > recovered and code == "OK" for sent, _, code, _ in grpc_outcomes)
     assert stub_pids(server, "speeder") not in ([], [stub])
     assert "model speeder is down" in server.log() and "model speeder recovered in" in server.log()
 
@@ -534,15 +566,15 @@ def test_the_wheels_tritonserver_loads_the_exported_python_repository(export_dir
 
 def test_sigterm_under_load_drains_the_requests_in_flight_and_exits_0(server, rec):
     """Last in this module: it stops the module's server (the fixture's teardown then finds it stopped).
-    32 clients send full batches (32 users, 20 candidates) in a loop; SIGTERM: every request the server had taken
-    is answered (200, the right scores), the new ones get the 503 of the drain, the exit status is 0 and nothing
-    is logged as a failure."""
+    16 HTTP and 16 gRPC clients send full batches (32 users, 20 candidates) in a loop; SIGTERM: every request the
+    server had taken is answered (200 / OK, the right scores), the new ones get the drain's 503 / UNAVAILABLE (or
+    find the listener closed), the exit status is 0 and nothing is logged as a failure."""
     histories = [[i % N_ITEMS, (7 * i) % N_ITEMS] for i in range(32)]
     candidates = np.arange(32 * 20).reshape(32, 20) % N_ITEMS
     body, want = json_request(histories, candidates), rec.recommend(histories, candidates)
     outcomes, signalled = [], threading.Event()
 
-    def client():
+    def http_client():
         while server.proc.poll() is None:
             try:
                 code, answer = post(server, body)
@@ -553,8 +585,16 @@ def test_sigterm_under_load_drains_the_requests_in_flight_and_exits_0(server, re
             if code != 200:
                 return
 
+    def grpc_client():
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+        while server.proc.poll() is None:
+            code, answer = grpc_infer(client, histories, candidates)
+            outcomes.append((code, answer, signalled.is_set()))
+            if code != "OK":
+                return
+
     with ThreadPoolExecutor(32) as pool:
-        futures = [pool.submit(client) for _ in range(32)]
+        futures = [pool.submit(http_client if i % 2 else grpc_client) for i in range(32)]
         time.sleep(1.0)
         start = time.monotonic()
         signalled.set()
@@ -566,13 +606,19 @@ def test_sigterm_under_load_drains_the_requests_in_flight_and_exits_0(server, re
     log = server.log()
     assert code == 0, log[-3000:]
     assert elapsed < 30, f"stopped after {elapsed:.1f} s"
-    in_flight = int(re.search(r"draining: (\d+) HTTP requests in flight", log)[1])
-    assert in_flight > 0 and "speeder_rt.serve: drained; stopping" in log and "speeder_rt.serve: stopped" in log
+    http_in_flight, grpc_in_flight = map(int, re.search(r"draining: (\d+) HTTP and (\d+) gRPC requests in flight", log).groups())
+    assert http_in_flight > 0 and grpc_in_flight > 0, log[-3000:]
+    assert "speeder_rt.serve: drained; stopping" in log and "speeder_rt.serve: stopped" in log
     for code, answer, after in outcomes:
         if code == 200:
             np.testing.assert_array_equal(np.array(answer["outputs"][0]["data"], dtype=np.float32).reshape(32, 20),
                                           want)
-        else:  # refused, never failed: the drain's 503, or no listener any more
-            assert after and (code == "closed" or (code, answer) == (503, DRAINING)), (code, answer)
-    assert sum(code == 200 for code, _, after in outcomes if after) > 0  # answered after the signal
+        elif code == "OK":
+            np.testing.assert_array_equal(answer, want)
+        else:  # refused, never failed: the drain's 503 / UNAVAILABLE, or no listener any more
+            refused = (code, answer) in ((503, DRAINING), ("StatusCode.UNAVAILABLE", DRAINING))
+            closed = code == "closed" or (code == "StatusCode.UNAVAILABLE" and "failed to connect" in answer)
+            assert after and (refused or closed), (code, answer)
+    for answered in (200, "OK"):  # both protocols answered after the signal
+        assert sum(code == answered for code, _, after in outcomes if after) > 0, answered
     assert not re.search(r"^E\d{4}|failed|Exit timeout expired", log[log.index("draining:"):], re.M), log[-3000:]

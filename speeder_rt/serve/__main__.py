@@ -5,8 +5,9 @@
 Settings left out keep the export's (model_repository_python/*/config.pbtxt: its max batch, a 2 ms queue delay,
 one instance, one engine thread per instance).
 
-A model whose instance process dies is reloaded (not ready meanwhile, its requests 503); SIGINT / SIGTERM drains
-the requests in flight before stopping; HTTP requests are checked and bounded by a front (docs/serving.md).
+A model whose instance process dies is reloaded (not ready meanwhile, its requests 503 / UNAVAILABLE); SIGINT /
+SIGTERM drains the requests in flight before stopping; HTTP and gRPC requests reach tritonserver through fronts
+in this process, which also check and bound the HTTP ones (docs/serving.md).
 
 Exit status: 0 stopped by SIGINT / SIGTERM; 1 the server died or a model could not be recovered (the message
 names it and the cause); 2 bad setup (export, ports, environment, flags).

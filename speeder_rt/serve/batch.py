@@ -3,11 +3,13 @@
 Triton's dynamic batcher hands the Python backend a list of requests; their inputs may differ in history width
 and candidate count (ragged inputs). ``answer`` first runs them merged: one runtime call per candidate count
 (candidates are prompt tokens), histories padded by the runtime to the longest one (mask False, which leaves
-every score unchanged). If the runtime refuses the merged batch, each request runs alone, so
-every bad request gets its own message (indices relative to that request) and the good ones their answers.
+every score unchanged). If the runtime refuses the merged batch (a bad request, or a non-finite score of one
+request: ``ModelOutputError``), each request runs alone, so every bad request gets its own message (indices
+relative to that request) and the good ones their answers.
 
 ``CLIENT_ERRORS`` is the one place that says which exceptions are the client's fault (HTTP 400 / gRPC
-INVALID_ARGUMENT); anything else is a server error.
+INVALID_ARGUMENT); ``MODEL_ERRORS`` the server faults whose message the client gets (no traceback in it);
+anything else is a server error the client sees as ``internal error``.
 """
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from speeder_rt.runtime import Recommender
-from speeder_rt.runtime.validation import RequestError
+from speeder_rt.runtime.validation import ModelOutputError, RequestError
 
 # The request contract's refusals (speeder_rt.runtime.validation), also raised here for the one input only the
 # wire format has (the mask).
 CLIENT_ERRORS: tuple[type[Exception], ...] = (RequestError,)
+# A runtime's refusal to return a NaN / infinite score: a row of ONE request, so a merged batch is rerun per request.
+MODEL_ERRORS: tuple[type[Exception], ...] = (ModelOutputError,)
 
 Inputs = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
@@ -92,7 +96,7 @@ def answer(rec: Recommender, graph: str, requests: list[Inputs]) -> Sequence[Ans
     if len(requests) > 1:
         try:
             outputs = merged(rec, requests)
-        except CLIENT_ERRORS:
+        except CLIENT_ERRORS + MODEL_ERRORS:
             outputs = None
         if outputs is not None:
             return outputs

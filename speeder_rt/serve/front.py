@@ -1,5 +1,5 @@
 """The request front on the public HTTP port: tritonserver's HTTP endpoint listens on a private loopback port
-behind it.
+behind it (the gRPC one behind ``grpc_front``; both share one ``Gate``).
 
 For every request the front
 
@@ -7,10 +7,10 @@ For every request the front
   message for malformed JSON, shapes that do not match their data or the export's ranges, ids that are not
   int64, masks that are not true / false, an empty batch), so no request reaches tritonserver that could crash it;
 * answers 503 with the cause for a model that ``Health`` has down (its requests already at tritonserver too:
-  ``model_down``), and turns tritonserver's errors for a dead stub into that 503; it answers the readiness
+  ``Gate.model_down``), and turns tritonserver's errors for a dead stub into that 503; it answers the readiness
   endpoints itself from ``Health`` (the server is ready when every model is), as tritonserver 2.51's block while
   any model loads (17 s during a reload, measured);
-* while draining (SIGTERM / SIGINT) answers new requests 503 and counts the ones in flight (``drained``);
+* while draining (SIGTERM / SIGINT) answers new requests 503 and counts the ones in flight (``Gate``);
 * forwards everything else unchanged (KServe v2 JSON or binary tensors, health, metadata, statistics).
 """
 from __future__ import annotations
@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -37,8 +39,72 @@ REQUEST_HEADERS = ("Content-Type", HEADER_LENGTH, "Accept-Encoding", "triton-acc
 RESPONSE_HEADERS = ("Content-Type", HEADER_LENGTH, "Content-Encoding")
 UPSTREAM_TIMEOUT_S = 120.0  # no request waits on tritonserver longer than this (504)
 DRAINING = "the server is shutting down (draining): send the request to another replica"
+WENT_DOWN = "the model went down while answering; retry in a few seconds"
 # tritonserver's answers for a model whose stub died or that is being reloaded
 DOWN_ERRORS = ("is not healthy", "has no available versions", "is not found", "version not ready")
+
+
+T = TypeVar("T")
+
+
+class ModelWentDown(Exception):
+    """A forwarded request cut off because its model went down (``Gate.model_down``)."""
+
+
+class Gate:
+    """What the HTTP and gRPC fronts share: the drain (new requests refused from ``drain`` on, the ones in flight
+    counted until ``drained``) and the requests forwarded to each model (cut off when it goes down)."""
+
+    def __init__(self, models: list[str]) -> None:
+        self.draining = False
+        self.in_flight = {"HTTP": 0, "gRPC": 0}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._forwarding: dict[str, set[asyncio.Future]] = {name: set() for name in models}
+
+    @contextmanager
+    def admitted(self, protocol: str) -> Iterator[None]:
+        """Count one request of ``protocol`` in flight while the block runs."""
+        self.in_flight[protocol] += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.in_flight[protocol] -= 1
+            if not any(self.in_flight.values()):
+                self._idle.set()
+
+    async def forward(self, model: str, forwarding: Awaitable[T]) -> T:
+        """``forwarding``'s result; ``ModelWentDown`` when ``model`` goes down before it comes."""
+        future = asyncio.ensure_future(forwarding)
+        self._forwarding[model].add(future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():  # this handler was cancelled (the client went away)
+                raise
+            raise ModelWentDown(model) from None
+        finally:
+            self._forwarding[model].discard(future)
+
+    def model_down(self, name: str) -> None:
+        """``Health``'s call when ``name`` goes down: its requests at tritonserver are cut off now (a request that
+        was executing in a killed stub never returns in tritonserver 2.51)."""
+        for future in list(self._forwarding[name]):
+            future.cancel()
+
+    def drain(self) -> None:
+        """Refuse new requests from now on; the ones in flight go on."""
+        self.draining = True
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Whether every request in flight was answered within ``timeout_s``."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
 
 def error(status: int, message: str) -> web.Response:
@@ -48,18 +114,13 @@ def error(status: int, message: str) -> web.Response:
 
 
 class Front:
-    def __init__(self, upstream: str, models: dict[str, ServedModel], health: Health, max_body_bytes: int,
-                 log: Callable[[str], None]) -> None:
+    def __init__(self, upstream: str, models: dict[str, ServedModel], health: Health, gate: Gate,
+                 max_body_bytes: int) -> None:
         self.upstream = upstream
         self.models = models
         self.health = health
+        self.gate = gate
         self.max_body_bytes = max_body_bytes
-        self.log = log
-        self.draining = False
-        self.in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._forwarding: dict[str, set[asyncio.Future]] = {name: set() for name in models}
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -71,24 +132,6 @@ class Front:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port, reuse_address=True, backlog=1024).start()
-
-    def model_down(self, name: str) -> None:
-        """``Health``'s call when ``name`` goes down: its requests at tritonserver are answered 503 now (a request
-        that was executing in a killed stub never returns in tritonserver 2.51)."""
-        for forward in list(self._forwarding[name]):
-            forward.cancel()
-
-    def drain(self) -> None:
-        """Refuse new requests from now on (503); the ones in flight go on."""
-        self.draining = True
-
-    async def drained(self, timeout_s: float) -> bool:
-        """Whether every request in flight was answered within ``timeout_s``."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -102,18 +145,12 @@ class Front:
         if ready or path == SERVER_READY:  # answered here: tritonserver's blocks while any model loads
             if ready and ready[1] not in self.models:
                 return error(404, f"unknown model {json.dumps(ready[1])}; served: {', '.join(self.models)}")
-            reason = DRAINING if self.draining else self.health.unavailable(ready[1] if ready else None)
+            reason = DRAINING if self.gate.draining else self.health.unavailable(ready[1] if ready else None)
             return error(503, reason) if reason else web.Response(status=200)
-        if self.draining and path != SERVER_LIVE:  # alive while draining: a liveness probe must not kill it
+        if self.gate.draining and path != SERVER_LIVE:  # alive while draining: a liveness probe must not kill it
             return error(503, DRAINING)
-        self.in_flight += 1
-        self._idle.clear()
-        try:
+        with self.gate.admitted("HTTP"):
             return await self._answer(request, INFER.fullmatch(path))
-        finally:
-            self.in_flight -= 1
-            if not self.in_flight:
-                self._idle.set()
 
     async def _answer(self, request: web.Request, infer: re.Match | None) -> web.StreamResponse:
         if request.content_length is not None and request.content_length > self.max_body_bytes:
@@ -137,16 +174,10 @@ class Front:
         reason = self.health.unavailable(name)
         if reason:
             return error(503, reason)
-        forward = asyncio.ensure_future(self._forward(request, body))
-        self._forwarding[name].add(forward)
         try:
-            response = await forward
-        except asyncio.CancelledError:
-            if not forward.cancelled():  # this handler was cancelled (the client went away), not the forward
-                raise
-            return error(503, self.health.unavailable(name) or "the model went down while answering")
-        finally:
-            self._forwarding[name].discard(forward)
+            response = await self.gate.forward(name, self._forward(request, body))
+        except ModelWentDown:
+            return error(503, self.health.unavailable(name) or WENT_DOWN)
         if response.status >= 400 and isinstance(response, web.Response) and response.body is not None:
             message = triton_error(bytes(response.body))
             if any(text in message for text in DOWN_ERRORS):

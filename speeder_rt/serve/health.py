@@ -32,22 +32,29 @@ STUB_COMMAND = "triton_python_b"  # /proc/PID/comm of triton_python_backend_stub
 
 
 def child_processes(pid: int) -> list[int]:
-    """The live (not zombie) children of ``pid``."""
+    """The live (not zombie) children of ``pid`` (each thread lists the ones it started; a thread that exits while
+    they are read is skipped, not taken for a process without children)."""
     children: list[int] = []
     try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            children += [int(c) for c in (task / "children").read_text().split()]
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return []
+    for task in tasks:
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
     return [c for c in children if _alive(c)]
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, parent: int | None = None) -> bool:
+    """Whether ``pid`` runs (is no zombie) and, when ``parent`` is given, is its child (not a reused PID)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
+    state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+    return state not in "ZX" and (parent is None or int(ppid) == parent)
 
 
 def command_name(pid: int) -> str:
@@ -138,13 +145,23 @@ class Health:
         task.add_done_callback(self._tasks.discard)
 
     async def watch(self) -> None:
-        """Count each model's stubs every POLL_S; report the models that lost one."""
+        """Count each model's live stubs every POLL_S; report the models that lost one. The stubs seen before are
+        checked one by one (two ``/proc`` reads); tritonserver's children are listed (a read per tritonserver thread)
+        only when fewer are alive than the model's instances: at the start, after a death, during a recovery.
+        ``/proc/<pid>/task/*/children`` may miss a child while tritonserver starts or ends threads, so a stub seen
+        once counts until it is dead."""
+        seen: dict[str, set[int]] = {name: set() for name in self.models}
         while self.failed is None and not self._stopping:
-            stubs = stubs_by_model(self.server_pid)
+            listed: dict[str, list[int]] | None = None
             for name, model in self.models.items():
-                live = len(stubs.get(name, []))
-                if name not in self.down and live < model.instances:
-                    self.report(name, f"{model.instances - live} of its {model.instances} instance processes died")
+                alive = set() if name in self.down else {pid for pid in seen[name] if _alive(pid, self.server_pid)}
+                if len(alive) < model.instances:
+                    listed = stubs_by_model(self.server_pid) if listed is None else listed
+                    alive |= set(listed.get(name, []))
+                seen[name] = alive
+                if name not in self.down and len(alive) < model.instances:
+                    self.report(name, f"{model.instances - len(alive)} of its {model.instances} instance processes "
+                                      "died")
             await asyncio.sleep(POLL_S)
 
     async def unload_all(self, timeout_s: float) -> bool:

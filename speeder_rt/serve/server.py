@@ -1,10 +1,11 @@
 """Run Triton Inference Server (the ``tritonserver`` of the ``nvidia-pytriton`` wheel, launched by PyTriton) on a
 Python-backend model repository, keep it healthy, and stop it cleanly (``run``; docs/serving.md).
 
-tritonserver's HTTP endpoint listens on a private loopback port behind the request front (``front``: limits,
-readiness, 503s, drain accounting) that owns the public HTTP port; ``health`` watches the stub processes and
-reloads a model whose instance died through Triton's model-control API; SIGINT / SIGTERM drain the requests in
-flight (``_drain``) before the models are unloaded and tritonserver stops.
+tritonserver's HTTP and gRPC endpoints listen on private loopback ports behind the request fronts that own the
+public ports (``front`` for HTTP: limits, readiness, 503s; ``grpc_front`` for gRPC: readiness, UNAVAILABLE; both
+count the requests in flight in one ``front.Gate``); ``health`` watches the stub processes and reloads a model
+whose instance died through Triton's model-control API; SIGINT / SIGTERM drain the requests in flight
+(``_drain``) before the models are unloaded and tritonserver stops.
 
 Three traps of the wheel's Python backend stub are handled here, before the server starts:
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import signal
 import socket
@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 from speeder_rt.export.format import EXPORT_JSON, PYTHON_REPOSITORY, read_export_json
 from speeder_rt.serve.limits import MAX_BODY_CEILING, served_models
 
-if TYPE_CHECKING:  # aiohttp (front, health) is imported where it runs: only the serve venv has it
-    from speeder_rt.serve.front import Front
+if TYPE_CHECKING:  # aiohttp and grpcio (the fronts, health) are imported where they run: only the serve venv has them
+    from speeder_rt.serve.front import Gate
     from speeder_rt.serve.health import Health
 
 UNLOAD_TIMEOUT_S = 10.0  # the least time the models get to unload after a drain
@@ -162,19 +162,6 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-async def pending_requests(metrics_url: str) -> float:
-    """Requests tritonserver holds (queued or executing), from its metrics; 0 when they cannot be read."""
-    import aiohttp
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        try:
-            async with session.get(metrics_url) as response:
-                text = await response.text()
-        except (TimeoutError, aiohttp.ClientError):
-            return 0.0
-    return sum(float(v) for v in re.findall(r"^nv_inference_pending_request_count\{[^}]*\} (\S+)$", text, re.MULTILINE))
-
-
 async def _wait_first(*awaitables: Awaitable[object]) -> None:
     tasks = [asyncio.ensure_future(a) for a in awaitables]
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -189,10 +176,12 @@ async def _until_dead(triton: object) -> None:
 
 async def run(repository: Path, endpoints: Endpoints, resilience: Resilience, log: Callable[[str], None]) -> int:
     """Serve ``repository`` until SIGINT / SIGTERM (drain, then 0), a model that cannot be recovered (1) or the
-    death of tritonserver (1). tritonserver's HTTP endpoint listens on a private loopback port behind the front."""
+    death of tritonserver (1). tritonserver's HTTP and gRPC endpoints listen on private loopback ports behind the
+    fronts."""
     from pytriton.triton import Triton, TritonConfig
 
-    from speeder_rt.serve.front import Front
+    from speeder_rt.serve.front import Front, Gate
+    from speeder_rt.serve.grpc_front import GrpcFront
     from speeder_rt.serve.health import Health, tritonserver_pid
 
     loop = asyncio.get_running_loop()
@@ -203,13 +192,13 @@ async def run(repository: Path, endpoints: Endpoints, resilience: Resilience, lo
     max_body = resilience.max_request_bytes or min(MAX_BODY_CEILING,
                                                    max(m.default_max_body_bytes() for m in models.values()))
     os.environ.update(stub_environment(dict(os.environ)))  # PyTriton passes its environment to tritonserver
-    private_http = free_loopback_port()
+    private_http, private_grpc = free_loopback_port(), free_loopback_port()
     config = TritonConfig(model_repository=repository, http_address="127.0.0.1", http_port=private_http,
-                          grpc_address=endpoints.host, grpc_port=endpoints.grpc_port,
+                          grpc_address="127.0.0.1", grpc_port=private_grpc,
                           metrics_address=endpoints.host, metrics_port=endpoints.metrics_port,
                           allow_gpu_metrics=False, exit_timeout_secs=5, strict_readiness=True)
     triton = Triton(config=config)
-    health = front = None
+    health = front = grpc_front = None
     try:
         try:
             await loop.run_in_executor(None, triton.run)  # starts tritonserver, waits until every model is ready
@@ -222,9 +211,12 @@ async def run(repository: Path, endpoints: Endpoints, resilience: Resilience, lo
             return 1
         upstream = f"http://127.0.0.1:{private_http}"
         health = Health(models, upstream, triton.get_access_token(), server_pid, resilience.max_recoveries, log)
-        front = Front(upstream, models, health, max_body, log)
-        health.on_down.append(front.model_down)
+        gate = Gate(list(models))
+        health.on_down.append(gate.model_down)
+        front = Front(upstream, models, health, gate, max_body)
         await front.start(endpoints.host, endpoints.http_port)
+        grpc_front = GrpcFront(f"127.0.0.1:{private_grpc}", list(models), health, gate, max_body)
+        await grpc_front.start(endpoints.host, endpoints.grpc_port)
         log("speeder_rt.serve: ready; models " + ", ".join(models) + "; "
             + ", ".join(f"{name} {url}" for name, url in endpoints.urls().items())
             + f"; requests up to {max_body} bytes")
@@ -237,34 +229,34 @@ async def run(repository: Path, endpoints: Endpoints, resilience: Resilience, lo
         if not triton.is_alive():
             log("speeder_rt.serve: tritonserver exited unexpectedly (its log is above)")
             return 1
-        return await _drain(front, health, endpoints, resilience.drain_timeout_s, log)
+        return await _drain(gate, health, resilience.drain_timeout_s, log)
     finally:
         if front is not None:
             await front.close()
+        if grpc_front is not None:
+            await grpc_front.close()
         if health is not None:
             await health.close()
         await loop.run_in_executor(None, triton.stop)
 
 
-async def _drain(front: Front, health: Health, endpoints: Endpoints, timeout_s: float,
-                 log: Callable[[str], None]) -> int:
-    """Refuse new HTTP requests, wait (at most ``timeout_s``) for the ones in flight and for those tritonserver
-    holds (gRPC ones included), then unload the models (their stubs finish) so that tritonserver stops at once;
-    0 either way (a drain that times out says how many requests it cut off)."""
+def _in_flight(gate: Gate) -> str:
+    return " and ".join(f"{count} {protocol}" for protocol, count in gate.in_flight.items())
+
+
+async def _drain(gate: Gate, health: Health, timeout_s: float, log: Callable[[str], None]) -> int:
+    """Refuse new requests (HTTP and gRPC: every one reaches tritonserver through a front), wait (at most
+    ``timeout_s``) for the ones in flight, then unload the models (their stubs finish) so that tritonserver stops at
+    once; 0 either way (a drain that times out says how many requests it cut off)."""
     deadline = time.monotonic() + timeout_s
-    log(f"speeder_rt.serve: draining: {front.in_flight} HTTP requests in flight, new ones refused (503); "
+    log(f"speeder_rt.serve: draining: {_in_flight(gate)} requests in flight, new ones refused (503 / UNAVAILABLE); "
         f"waiting up to {timeout_s:g} s")
-    front.drain()
-    drained = await front.drained(timeout_s)
-    pending = await pending_requests(endpoints.urls()["metrics"])
-    while pending and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-        pending = await pending_requests(endpoints.urls()["metrics"])
-    if drained and not pending:
+    gate.drain()
+    if await gate.drained(timeout_s):
         log("speeder_rt.serve: drained; stopping")
     else:
-        log(f"speeder_rt.serve: drain timeout ({timeout_s:g} s, --drain-timeout-s): {front.in_flight} HTTP and "
-            f"{pending:.0f} queued requests are cut off; stopping")
+        log(f"speeder_rt.serve: drain timeout ({timeout_s:g} s, --drain-timeout-s): {_in_flight(gate)} requests are "
+            "cut off; stopping")
     if not await health.unload_all(max(UNLOAD_TIMEOUT_S, deadline - time.monotonic())):
         log(f"speeder_rt.serve: the models did not unload within {UNLOAD_TIMEOUT_S:g} s; stopping tritonserver")
     return 0

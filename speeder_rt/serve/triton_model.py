@@ -4,8 +4,9 @@ Each model instance loads the export with ``Recommender`` (its ``export_dir`` pa
 directory or absolute; ``graph``: ``scores`` for ``speeder``, ``topk`` for ``speeder_topk``; ``threads``: the
 engine's CPU threads, 1 by default, as each instance is a process of its own) and answers each
 batch of requests with one runtime call (``batch.answer``). A bad request gets ``INVALID_ARG`` (HTTP 400,
-gRPC INVALID_ARGUMENT) with the runtime's message and no traceback; the other requests of its batch are
-answered as if it had not been there. Only importable inside Triton's Python backend stub.
+gRPC INVALID_ARGUMENT) with the runtime's message and no traceback, a request the model scores NaN / infinite an
+internal error with the runtime's message; the other requests of its batch are answered as if it had not been
+there. Only importable inside Triton's Python backend stub.
 
 New items without a restart: before a batch, at most every ``items_poll_s`` seconds (parameter, default 1), the
 instance reads the export's ``items/current.json`` and, for a new version, switches to its table
@@ -25,7 +26,7 @@ import triton_python_backend_utils as pb_utils
 
 from speeder_rt.export.format import io_specs, request_inputs
 from speeder_rt.runtime import Recommender
-from speeder_rt.serve.batch import CLIENT_ERRORS, answer
+from speeder_rt.serve.batch import CLIENT_ERRORS, MODEL_ERRORS, answer
 
 INPUTS = {graph: tuple(s["name"] for s in request_inputs(spec["inputs"])) for graph, spec in io_specs(topk_k=1).items()}
 
@@ -79,6 +80,7 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG))
         if isinstance(result, Exception):
             self.logger.log_error("".join(traceback.format_exception(result)))
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {type(result).__name__}"))
+            message = str(result) if isinstance(result, MODEL_ERRORS) else f"internal error: {type(result).__name__}"
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(array))
                                                           for name, array in result.items()])

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+pytest.importorskip("faiss", reason="faiss-cpu (the catalog extra, pip install 'speeder_rt[catalog]') is not installed")
+
 from speeder_rt.catalog import ItemIndex, recall
 from speeder_rt.catalog.ann import EXACT_MAX_ITEMS
 from speeder_rt.catalog.synthetic import clustered_catalog

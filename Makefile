@@ -21,7 +21,7 @@ SERVE_VENV := .venv-serve
 SERVE_PY := $(SERVE_VENV)/bin/python
 SERVE_PIP := $(SERVE_PY) -m pip --disable-pip-version-check -q 2> >(grep --line-buffered -v "$(PIP_LOCATION_NOISE)" >&2)
 
-.PHONY: demo test lint venv cpp serve serve-venv clean
+.PHONY: demo test lint venv cpp serve serve-venv gpu-wheels clean
 
 $(VENV)/.base: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,7 +77,13 @@ lint: $(VENV)/.test
 test: lint cpp $(SERVE_VENV)/.ready
 	env -u TRITON_INTERPRET $(PY) -m speeder_rt.tools.sm90_report --quick --out build/sm90
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
-	$(SERVE_PY) -m pytest -q tests/test_serve.py
+	$(SERVE_PY) -m pytest -q tests/test_serve.py tests/test_serve_items.py
+
+# The GPU image lacks polars (setup.py's pin): its wheels for Python 3.12 go to .whl/, which a device call carries and
+# benchmarks/gpu_check.sh installs into its run's temporary site directory (docs/kernels.md, "GPU check").
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl polars==2.1.0 polars-runtime-32==2.1.0 2> >(grep --line-buffered -v "$(PIP_LOCATION_NOISE)" >&2)
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) runs .pytest_cache $(CPP_BUILD) speeder_rt/_C.*.so

@@ -29,6 +29,11 @@ recovery): tritonserver's RSS after each reload, and how
 many of the killed instances tritonserver finished unloading (tritonserver 2.51 never finishes unloading an
 instance whose stub died with a request executing; docs/serving.md). No goal: a measurement of that cost.
 
+New items (``-k item_add``; ``CATALOG_ITEMS``, default 1,000,000, ``ADDED_ITEMS``, default 1,000): the tiny export's
+item table grown to ``CATALOG_ITEMS`` rows and served; 16 gRPC clients query both models while ``ADDED_ITEMS`` items
+are added to the export (``add_export_items``, a new version; nothing re-exported). Measured: seconds until a request
+naming the last new item is answered, failed requests. Goal: visible within 10 s, 0 failed.
+
 Engine memory (``-k engine_memory``; ``ENGINE_CALLS``, default 3,000): the RSS of a fresh process running the
 export's scoring graph in ONNX Runtime (one thread, as a stub does) on random batch shapes (1..64 rows, histories
 1..10), with ORT's per-shape memory pattern on (its default) and off (``OnnxRunner``'s setting): why a served stub
@@ -38,11 +43,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import re
 import resource
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -61,9 +68,11 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 import aiohttp  # noqa: E402
 import tritonclient.grpc.aio as grpc_aio  # noqa: E402
 
+from speeder_rt.catalog.export_items import add_export_items  # noqa: E402
 from speeder_rt.data import SyntheticConfig, generate_synthetic  # noqa: E402
 from speeder_rt.export.exporter import export_model  # noqa: E402
 from speeder_rt.export.format import Ranges  # noqa: E402
+from speeder_rt.export.items import read_item_tokens  # noqa: E402
 from speeder_rt.model import BackboneConfig, SpeederConfig, SpeederModel  # noqa: E402
 
 REQUESTS, CLIENTS, MAX_HISTORY, CANDIDATES, N_ITEMS = 5000, 64, 10, 20, 2048
@@ -84,33 +93,34 @@ def work(tmp_path_factory) -> Path:
     return work
 
 
-@pytest.fixture(scope="module")
-def server(work):
-    """The export served by the CLI on free loopback ports; stopped by PID afterwards."""
+@contextlib.contextmanager
+def serving(export: Path, work: Path, name: str = "server"):
+    """``export`` served by the CLI on free loopback ports (log ``work/<name>.log``); stopped by PID afterwards."""
     socks = [socket.socket() for _ in range(3)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
     http, grpc, metrics = (s.getsockname()[1] for s in socks)
     for s in socks:
         s.close()
-    log = open(work / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "speeder_rt.serve", "--export", str(work / "onnx"), "--http-port",
+    log_file = work / f"{name}.log"
+    log = open(log_file, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "speeder_rt.serve", "--export", str(export), "--http-port",
                              str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), *SERVE_ARGS],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(work)})
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
         while True:
-            assert proc.poll() is None, (work / "server.log").read_text()[-4000:]
+            assert proc.poll() is None, log_file.read_text()[-4000:]
             try:
-                if client.is_model_ready("speeder"):
+                if client.is_model_ready("speeder") and client.is_model_ready("speeder_topk"):
                     break
             except Exception:  # noqa: BLE001 -- not listening yet
                 pass
             assert time.monotonic() < deadline, f"not ready within {START_TIMEOUT_S} s"
             time.sleep(0.5)
         yield {"grpc": f"127.0.0.1:{grpc}", "metrics": f"http://127.0.0.1:{metrics}/metrics",
-               "http": f"http://127.0.0.1:{http}", "pid": proc.pid, "log": work / "server.log"}
+               "http": f"http://127.0.0.1:{http}", "pid": proc.pid, "log": log_file}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -119,6 +129,13 @@ def server(work):
             proc.kill()
             proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(work):
+    """The tiny export served by the CLI."""
+    with serving(work / "onnx", work) as srv:
+        yield srv
 
 
 def counters(url: str) -> tuple[float, float]:
@@ -468,3 +485,86 @@ def test_engine_memory_by_batch_shape(benchmark, work) -> None:
     print("\nengine RSS (MiB) after N random batch shapes:", json.dumps(series))
     off = list(series["mem_pattern_off"].values())
     assert off[-1] <= off[1] * 1.05, f"RSS grew {off[-1] / off[1] - 1:.1%} after 500 batches without the memory pattern"
+
+
+# -- new items reaching a served export ------------------------------------------------------------------------------
+CATALOG_ITEMS = int(os.environ.get("CATALOG_ITEMS", "1000000"))
+ADDED_ITEMS = int(os.environ.get("ADDED_ITEMS", "1000"))
+ADD_CLIENTS, GOAL_VISIBLE_S = 16, 10.0
+
+
+def query_until_stopped(url: str, stop: threading.Event, seed: int, answered: list[int], failures: list[str]) -> None:
+    """One client: ``speeder`` requests over the first catalog's items, every fourth a ``speeder_topk`` one."""
+    client = grpcclient.InferenceServerClient(url)
+    rng = np.random.default_rng(seed)
+    while not stop.is_set():
+        tensors = request_inputs(rng)
+        topk = answered[seed] % 4 == 3
+        try:
+            result = client.infer("speeder_topk" if topk else "speeder", tensors[:2] if topk else tensors)
+            out = result.as_numpy("item_ids" if topk else "scores")
+            assert (out >= 0).all() if topk else np.isfinite(out).all(), out
+            answered[seed] += 1
+        except Exception as e:  # noqa: BLE001 -- every failure is counted and reported
+            failures.append(repr(e))
+
+
+def test_served_item_add(benchmark, work) -> None:
+    """``ADDED_ITEMS`` items added with ``add_export_items`` to a served export of ``CATALOG_ITEMS`` items while
+    ``ADD_CLIENTS`` gRPC clients query both models: seconds from the start of the add until a request naming the last
+    new item is answered, and the requests that failed meanwhile. The new items carry copies of existing items'
+    tokens, so the last one must score exactly like its source."""
+    export = work / "onnx_catalog"
+    shutil.copytree(work / "onnx", export)
+    first = read_item_tokens(export).tokens
+    rng = np.random.default_rng(5)
+    add_export_items(export, first[rng.integers(0, len(first), CATALOG_ITEMS - len(first))])  # the served catalog
+    sources = rng.integers(0, len(first), ADDED_ITEMS)
+    last_new = CATALOG_ITEMS + ADDED_ITEMS - 1
+    history = np.array([[3, 17]], np.int64)
+
+    def probe(client, candidates: list[int]) -> np.ndarray:
+        tensors = [grpcclient.InferInput("history_ids", [1, 2], "INT64"), grpcclient.InferInput("history_mask", [1, 2], "BOOL"),
+                   grpcclient.InferInput("candidate_ids", [1, len(candidates)], "INT64")]
+        for tensor, array in zip(tensors, (history, np.ones((1, 2), bool), np.array([candidates], np.int64))):
+            tensor.set_data_from_numpy(array)
+        return client.infer("speeder", tensors).as_numpy("scores")[0]
+
+    with serving(export, work, "catalog_server") as srv:
+        client = grpcclient.InferenceServerClient(srv["grpc"])
+        with pytest.raises(Exception, match=str(last_new)):  # not in the catalog yet
+            probe(client, [last_new])
+        stop, answered, failures = threading.Event(), [0] * ADD_CLIENTS, []
+        threads = [threading.Thread(target=query_until_stopped, args=(srv["grpc"], stop, i, answered, failures))
+                   for i in range(ADD_CLIENTS)]
+        for t in threads:
+            t.start()
+        time.sleep(3)
+
+        def add_and_wait() -> tuple[float, float]:
+            start = time.monotonic()
+            add_export_items(export, first[sources])
+            written = time.monotonic()
+            while True:
+                try:
+                    probe(client, [last_new])
+                    return written - start, time.monotonic() - start
+                except Exception:  # noqa: BLE001 -- not served yet
+                    assert time.monotonic() - start < 6 * GOAL_VISIBLE_S, "the new items were never served"
+                    time.sleep(0.05)
+
+        add_s, visible_s = benchmark.pedantic(add_and_wait, rounds=1, iterations=1)
+        before = sum(answered)
+        time.sleep(3)  # clients keep querying after the switch
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        scores = probe(client, [last_new, int(sources[-1])])
+    figures = {"catalog": CATALOG_ITEMS, "added": ADDED_ITEMS, "clients": ADD_CLIENTS, "add_s": round(add_s, 2),
+               "visible_s": round(visible_s, 2), "requests_answered": sum(answered),
+               "answered_after_switch": sum(answered) - before, "failed": len(failures)}
+    benchmark.extra_info.update(figures)
+    print("\nserved item add:", ", ".join(f"{k}={v}" for k, v in figures.items()))
+    assert not failures, f"{len(failures)} failed requests, e.g. {failures[:3]}"
+    assert scores[0] == scores[1], f"the last new item scores {scores[0]}, its source {scores[1]}"
+    assert visible_s <= GOAL_VISIBLE_S, f"goal: visible within {GOAL_VISIBLE_S} s; {figures}"

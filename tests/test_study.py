@@ -238,6 +238,29 @@ def test_an_interrupted_study_runs_only_what_is_missing(study, tmp_path, monkeyp
     assert len(again) == len(first)
 
 
+def test_report_only_reports_a_partial_study_and_trains_nothing(study, tmp_path, monkeypatch, capsys):
+    config, out = study
+    copy_dir = tmp_path / "out"
+    shutil.copytree(out, copy_dir)
+    (copy_dir / "study.md").unlink()
+    record = results(copy_dir)
+    kept = [r for r in record["runs"] if r["row"] != "recency_off" and (r["row"], r["seed"]) != ("full", 1)]
+    (copy_dir / "results.json").write_text(json.dumps({**record, "runs": kept}))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained in --report-only")
+
+    monkeypatch.setattr(runner, "Trainer", no_training)
+    monkeypatch.setattr(runner, "train_sasrec", no_training)
+    assert study_cli(config, copy_dir, "--report-only") == 0
+    assert results(copy_dir)["runs"] == kept  # nothing recorded or trained
+    table = (copy_dir / "study.md").read_text()
+    assert re.search(r"\| recency table off \| not run \|.*\| 0 \| \|", table)
+    [full_hr1] = [r["metrics"]["HR@1"] for r in kept if r["row"] == "full"]  # seed 0 only: no spread
+    assert re.search(rf"\| Speeder \(full\) \| {full_hr1:.4f} \|.*\| 1 \|", table), table
+    assert "results.json" not in capsys.readouterr().out.splitlines()[-1]  # the last line names what was written
+
+
 def test_parallel_jobs_give_the_results_of_one_job(study, tmp_path):
     """--jobs 2 trains in spawned processes (one thread each, as the module's study ran in this one): the same
     metrics and losses, and the invocation's wall time is recorded and stated."""

@@ -116,6 +116,7 @@ def test_speeder_and_the_text_item_row_are_evaluated_on_the_same_seeded_users(st
     assert "## Equal compute: full Speeder vs the text-item LLM" in text
     assert "| text-item LLM | 40 |" in text and "| Speeder (full) | 40 |" in text
     assert "| tiny random-init backbone |" in text
+    assert "| text-item LLM (equal step time) | below | below |" in text  # its figures: the equal-compute table's
 
 
 def test_the_text_item_row_needs_the_full_row(lm_dir, tmp_path, capsys):

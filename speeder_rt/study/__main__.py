@@ -1,4 +1,5 @@
-"""python -m speeder_rt.study --config CONFIG --out DIR [--seeds 0,1,2] [--rows ID,...] [--history-len N] [--jobs N]"""
+"""python -m speeder_rt.study --config CONFIG --out DIR [--seeds 0,1,2] [--rows ID,...] [--history-len N] [--jobs N]
+[--report-only]"""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import sys
 
 from speeder_rt.study.report import require_matplotlib, write_report
 from speeder_rt.study.rows import BASELINE_ROWS, SPAE_ROWS
-from speeder_rt.study.runner import plan, run_study
+from speeder_rt.study.runner import plan, recorded_results, run_study
 from speeder_rt.train.config import read_config_file
 from speeder_rt.train.faults import TrainingStopped
 
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default "
                                                              "1; on a CPU, the cores over the config's train.num_threads)")
     parser.add_argument("--no-progress", action="store_true", help="no bar over the runs")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: write study.md and study.png "
+                        "from the runs results.json already holds for these rows and seeds (a partial study's report)")
     return parser
 
 
@@ -51,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         require_matplotlib()
         raw = read_config_file(args.config)
         study = plan(raw, args.config, args.out, args.seeds, rows, args.history_len)
-        study.apply_process_settings()  # threads and kernels: the same for every row
-        results = run_study(study, progress=not args.no_progress, jobs=args.jobs)
+        if args.report_only:
+            results = recorded_results(study)
+        else:
+            study.apply_process_settings()  # threads and kernels: the same for every row
+            results = run_study(study, progress=not args.no_progress, jobs=args.jobs)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "speeder_rt.study", *(argv if argv is not None else sys.argv[1:])])
     text, paths = write_report(study.out, study.rows, results, study.seeds, command, study.selection.same_as)
     print(text)
-    print("wrote " + ", ".join(str(p) for p in [study.out / "results.json", *paths]))
+    print("wrote " + ", ".join(str(p) for p in ([] if args.report_only else [study.out / "results.json"]) + paths))
     return 0
 
 

@@ -154,8 +154,10 @@ def markdown(rows: list[Row], summary: Mapping[str, Mapping[str, Stat]], results
     findings = []
     for row in rows:
         stats = summary.get(row.id)
-        if stats is None:
-            lines.append(f"| {row.label} | " + " | ".join("not run" for _ in COLUMNS) + " | 0 | |")
+        if stats is None:  # not run, or the text-item row (its figures are the equal-compute table's)
+            ran = sum(r["row"] == row.id and r["seed"] in seeds for r in results["runs"])
+            lines.append(f"| {row.label} | " + " | ".join("below" if ran else "not run" for _ in COLUMNS)
+                         + f" | {ran} | |")
             continue
         note = ""
         if full is not None and row.id != "full":

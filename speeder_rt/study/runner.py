@@ -312,6 +312,29 @@ def _record(row: Row, seed: int, key: dict[str, Any], outcome: dict[str, Any]) -
             "finished": datetime.now(UTC).isoformat(timespec="seconds"), "config": key}
 
 
+def _planned(study: Study, results: Mapping[str, Any]) -> list[tuple[Row, int, dict[str, Any], dict[str, Any] | None]]:
+    """(row, seed, run key, the recorded run or None) for every run of ``study``; a recorded run is checked against
+    the config its row has now."""
+    planned = []
+    for seed in study.seeds:
+        for row in study.rows:
+            key = run_key(study.config(row, seed), row.kind)  # the text-item row's: final once its budget is known
+            recorded = find_run(results, row.id, seed)
+            if recorded is not None:
+                check_recorded(study.out, recorded, study.text_item_key(seed) if row.kind == TEXT_ITEM else key)
+            planned.append((row, seed, key, recorded))
+    return planned
+
+
+def recorded_results(study: Study) -> dict[str, Any]:
+    """The results ``study.out`` holds, each recorded run of the study's rows and seeds checked against the config
+    its row has now; nothing is trained (``--report-only``: the report of a partial or finished study)."""
+    results = read_results(study.out)
+    study.budgets_from(results)
+    _planned(study, results)
+    return results
+
+
 def run_study(study: Study, log: Log = print, progress: bool = True, jobs: int = 1) -> dict[str, Any]:
     """Run every (row, seed) of ``study`` missing from its results; returns the results (also on disk).
 
@@ -323,15 +346,7 @@ def run_study(study: Study, log: Log = print, progress: bool = True, jobs: int =
     with exclusive(out), _holding():
         results = read_results(out)
         study.budgets_from(results)
-        todo = []
-        for seed in study.seeds:
-            for row in study.rows:
-                key = run_key(study.config(row, seed), row.kind)  # the text-item row's: final once its budget is known
-                recorded = find_run(results, row.id, seed)
-                if recorded is not None:
-                    check_recorded(out, recorded, study.text_item_key(seed) if row.kind == TEXT_ITEM else key)
-                else:
-                    todo.append((row, seed, key))
+        todo = [(row, seed, key) for row, seed, key, recorded in _planned(study, results) if recorded is None]
         if jobs > 1 and any(row.kind == TEXT_ITEM for row, _, _ in todo):
             raise ValueError(f"--jobs {jobs}: the {TEXT_ITEM} row runs with --jobs 1 (its budget is the full row's "
                              "step time, measured on the same core with nothing else training)")

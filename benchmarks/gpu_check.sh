@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_check.sh ext      a separate call: builds the speeder_rt._C extension (the C++ runtime's
 #                                         binding, plain C++ against the machine's libtorch) with MAX_JOBS = all
 #                                         cores, then runs tests/test_cpp_runtime.py against it
+#   bash benchmarks/gpu_check.sh profile  a separate call: torch.profiler over one LoRA training step of Speeder and of
+#                                         the text-item baseline at the suites' shape (benchmarks/profile_train_step.py)
 # Runs from the source tree (PYTHONPATH = repo root) with the machine's python3 (or $PYTHON); the only package the GPU
 # image lacks, polars, travels as wheels in .whl/ (carry it), installed into this run's temporary site directory
 # (docs/kernels.md, "GPU check"). Every step has its own time limit
@@ -19,14 +21,15 @@
 #   output and kernel metadata)  sm90_report.md  report.json  report.md  report.png (the suites' ratio report)
 # and prints the summary last. Without CUDA it runs the CPU-sized version: tiny shape, the quick sm90 report, the
 # gpu-marked tests under TRITON_INTERPRET=1 (they skip). Exit status 1 if any step failed, timed out, or missed the
-# claims. Step limits (seconds) can be overridden: T_PRECOMPILE, T_TESTS, T_SUITES, T_KERNELS; T_BUILD, T_CPP (ext).
+# claims. Step limits (seconds) can be overridden: T_PRECOMPILE, T_TESTS, T_SUITES, T_KERNELS; T_BUILD, T_CPP (ext);
+# T_PROFILE (profile, per method).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 CALL="${1:-main}"
-case "$CALL" in main|ext) ;; *) echo "usage: bash benchmarks/gpu_check.sh [main|ext]" >&2; exit 2 ;; esac
+case "$CALL" in main|ext|profile) ;; *) echo "usage: bash benchmarks/gpu_check.sh [main|ext|profile]" >&2; exit 2 ;; esac
 OUT_DIR="${OUT:-$ROOT/bench_out}"
 LOGS="$(mktemp -d)"
 WORK="$(mktemp -d)"  # this run's Triton cache and the sm90 report's analysed rows (not shipped back)
@@ -53,11 +56,11 @@ if "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/
     # precompile 116-125 s, the training suite alone 139 s (docs/kernels.md); a build the precompile limit cuts off
     # compiles at its first launch in a later step.
     T_PRECOMPILE="${T_PRECOMPILE:-150}" T_TESTS="${T_TESTS:-90}" T_SUITES="${T_SUITES:-240}" T_KERNELS="${T_KERNELS:-60}"
-    T_BUILD="${T_BUILD:-240}" T_CPP="${T_CPP:-240}"
+    T_BUILD="${T_BUILD:-240}" T_CPP="${T_CPP:-240}" T_PROFILE="${T_PROFILE:-180}"
 else
     MODE=cpu SHAPE=tiny
     T_PRECOMPILE="${T_PRECOMPILE:-900}" T_TESTS="${T_TESTS:-300}" T_SUITES="${T_SUITES:-600}" T_KERNELS="${T_KERNELS:-120}"
-    T_BUILD="${T_BUILD:-900}" T_CPP="${T_CPP:-900}"
+    T_BUILD="${T_BUILD:-900}" T_CPP="${T_CPP:-900}" T_PROFILE="${T_PROFILE:-300}"
 fi
 
 STATUS=()
@@ -113,7 +116,11 @@ EOF
 } >"$LOGS/environment.txt" 2>&1
 PYTEST=("$PY" -m pytest -p no:cacheprovider -rs)
 
-if [ "$CALL" = ext ]; then
+if [ "$CALL" = profile ]; then
+    for method in speeder text_baseline; do
+        step "profile_$method" "$T_PROFILE" "$PY" benchmarks/profile_train_step.py --shape "$SHAPE" --method "$method"
+    done
+elif [ "$CALL" = ext ]; then
     step build "$T_BUILD" env MAX_JOBS="$(nproc)" "$PY" setup.py build_ext --inplace
     step cpp_runtime "$T_CPP" "${PYTEST[@]}" tests/test_cpp_runtime.py
 else

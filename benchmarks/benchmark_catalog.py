@@ -33,8 +33,8 @@ import faiss
 import numpy as np
 
 from speeder_rt.catalog import ItemIndex, recall
-from speeder_rt.catalog.export_items import add_export_items
 from speeder_rt.catalog.synthetic import clustered_catalog
+from speeder_rt.export.add_items import add_export_items
 from speeder_rt.export.items import read_item_tokens, write_item_tokens
 
 K, ADDED = 10, 1000

@@ -16,7 +16,7 @@ from test_serve import Server, inputs, padded  # noqa: E402
 from tiny_model import tiny_speeder  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from speeder_rt.catalog.export_items import add_export_items  # noqa: E402
+from speeder_rt.export.add_items import add_export_items  # noqa: E402
 from speeder_rt.export.exporter import export_model  # noqa: E402
 from speeder_rt.export.format import Ranges  # noqa: E402
 from speeder_rt.export.items import read_item_tokens  # noqa: E402

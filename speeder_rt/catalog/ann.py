@@ -42,8 +42,7 @@ import faiss
 import numpy as np
 
 from speeder_rt.catalog import EXACT_MAX_ITEMS
-from speeder_rt.utils.io import atomic_dir, write_json
-from speeder_rt.utils.readers import read_json_fields
+from speeder_rt.utils.io import atomic_dir, read_json_fields, write_json
 
 FORMAT_VERSION = 1
 INDEX_FILE, SIDECAR_FILE = "index.faiss", "index.json"

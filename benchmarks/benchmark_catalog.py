@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -91,8 +92,10 @@ def export_add(items: int, dim: int, rounds: int) -> dict[str, object]:
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
-def recommender_topk(items: int, recall_target: float, tune_queries: int, queries: int, rounds: int) -> dict[str, object]:
-    """``Recommender.topk`` through an IVF index vs the exact top-k graph on an ``items``-item synthetic export."""
+def recommender_topk(items: int, recall_target: float, tune_queries: int, queries: int, rounds: int,
+                     efforts: list[int]) -> dict[str, object]:
+    """``Recommender.topk`` through an IVF index vs the exact top-k graph on an ``items``-item synthetic export;
+    ``efforts``: also recall@10 and batch-1 latency at these ``nprobe`` values (``row["sweep"]``)."""
     from speeder_rt.data import SyntheticConfig, generate_synthetic
     from speeder_rt.export.exporter import export_model
     from speeder_rt.export.format import Ranges
@@ -140,8 +143,16 @@ def recommender_topk(items: int, recall_target: float, tune_queries: int, querie
             row[f"query_graph_batch{batch}_ms"] = round(_median_call_ms(
                 lambda rows: rec.runner.query(*pad_histories([np.asarray(h) for h in rows])), histories, batch,
                 rounds), 3)
+        rec.index, sweep = served, []
+        for effort in efforts:
+            served.set_search_effort(effort)
+            got, _ = rec.topk(histories, k=K)
+            sweep.append({"nprobe": effort, "recall@10": round(recall(got, want), 4), "batch1_ms": round(
+                _median_call_ms(lambda rows: rec.topk(rows, k=K), histories, 1, rounds), 3)})
+        row["sweep"] = sweep
     row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     row["faiss"] = faiss.__version__
+    row["load_average_1m"] = round(os.getloadavg()[0], 1)
     return row
 
 
@@ -177,7 +188,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.recommender:
         faiss.omp_set_num_threads(1)
-        row = recommender_topk(args.items, args.recall_target, args.tune_queries, args.queries, args.rounds)
+        row = recommender_topk(args.items, args.recall_target, args.tune_queries, args.queries, args.rounds,
+                               [int(e) for e in filter(None, args.effort_sweep.split(","))])
         print(json.dumps(row), flush=True)
         print(f"| {args.items:,} x {row['dim']} | {row['params']} | {row['ann_batch1_ms']} | {row['ann_batch16_ms']} | "
               f"{row['exact_batch1_ms']} | {row['exact_batch16_ms']} | {row['query_graph_batch1_ms']} | "

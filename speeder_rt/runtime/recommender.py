@@ -24,6 +24,7 @@ the exact path's contract. Loading such a version without FAISS installed raises
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,18 +131,19 @@ class Recommender:
         """(item ids int64 [B, k], scores float32 [B, k]) over the whole catalog, history items excluded (through
         the ANN index when the served item-table version has one)."""
         histories, k = self.contract.topk(history_ids, k)
-        answer = self.runner.topk if self.index is None else self._index_topk
+        index = self.index  # read once: a reload_items meanwhile changes the next call
+        answer = self.runner.topk if index is None else partial(self._index_topk, index)
         parts = [answer(*pad_histories(histories[a:b])) for a, b in self._chunks(len(histories))]
         ids = np.concatenate([p[0] for p in parts])[:, :k]
         scores = np.concatenate([p[1] for p in parts])[:, :k]
         check_finite_topk(pad_histories(histories)[0], ids, scores)
         return ids.astype(np.int64, copy=False), scores.astype(np.float32, copy=False)
 
-    def _index_topk(self, history_ids: np.ndarray, history_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The top-k graph's answer (ids, scores [B, topk_k]) from the query graph and the index; rows the index
+    def _index_topk(self, index: ItemIndex, history_ids: np.ndarray, history_mask: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """The top-k graph's answer (ids, scores [B, topk_k]) from the query graph and ``index``; rows the index
         leaves short of ``topk_k`` items (an id -1) from the top-k graph."""
-        assert self.index is not None
-        scores, ids = self.index.search(self.runner.query(history_ids, history_mask), self.runner.topk_k,
+        scores, ids = index.search(self.runner.query(history_ids, history_mask), self.runner.topk_k,
                                         exclude=np.where(history_mask, history_ids, -1))
         short = (ids < 0).any(1)
         if short.any():

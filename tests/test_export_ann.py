@@ -26,6 +26,7 @@ from speeder_rt.export.index import index_kind, tuning_queries
 from speeder_rt.export.items import read_item_tokens, read_pointer, write_item_tokens
 from speeder_rt.runtime import Recommender
 from speeder_rt.runtime.recommender import pad_histories
+from speeder_rt.runtime.validation import ModelOutputError
 
 N_ITEMS, RANGES, K = 60, Ranges(max_batch=4, max_history=6, max_candidates=8), 10
 COPIED = [9, 0, 59, 9]  # existing items whose tokens the added ones (ids 60..63) carry
@@ -108,6 +109,22 @@ def test_a_row_the_index_leaves_short_is_answered_by_the_exact_graph(export_dir,
     want_ids, want_scores = exact_topk(rec, histories)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_a_non_finite_query_vector_is_refused_as_a_model_fault_naming_the_row(export_dir, monkeypatch):
+    rec = Recommender.load(export_dir)
+    query, calls = rec.runner.query, []
+
+    def broken_query(history_ids, history_mask):  # the second chunk's second row gets a NaN query vector
+        vectors = query(history_ids, history_mask)
+        calls.append(1)
+        if len(calls) == 2:
+            vectors[1, 3] = np.nan
+        return vectors
+
+    monkeypatch.setattr(rec.runner, "query", broken_query)
+    with pytest.raises(ModelOutputError, match=r"history_ids\[5\]: the model scored item \d+ \(rank 0\) nan"):
+        rec.topk(random_histories(N_ITEMS, 6, seed=3), k=K)  # row 5: the second row of the second chunk of 4
 
 
 def test_ivf_recall_on_a_seeded_catalog_and_reload_picks_up_the_new_index(copy_of):

@@ -142,9 +142,13 @@ class Recommender:
     def _index_topk(self, index: ItemIndex, history_ids: np.ndarray, history_mask: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
         """The top-k graph's answer (ids, scores [B, topk_k]) from the query graph and ``index``; rows the index
-        leaves short of ``topk_k`` items (an id -1) from the top-k graph."""
-        scores, ids = index.search(self.runner.query(history_ids, history_mask), self.runner.topk_k,
-                                        exclude=np.where(history_mask, history_ids, -1))
+        leaves short of ``topk_k`` items (an id -1) from the top-k graph. A non-finite query vector (a model fault)
+        gives its row NaN scores, which ``topk`` refuses like the exact graph's (``check_finite_topk``)."""
+        queries = self.runner.query(history_ids, history_mask)
+        finite = np.isfinite(queries).all(1)
+        scores, ids = index.search(np.where(finite[:, None], queries, 0), self.runner.topk_k,
+                                   exclude=np.where(history_mask, history_ids, -1))
+        scores[~finite] = np.nan
         short = (ids < 0).any(1)
         if short.any():
             ids[short], scores[short] = self.runner.topk(history_ids[short], history_mask[short])

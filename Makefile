@@ -46,7 +46,7 @@ $(SERVE_VENV)/.ready: setup.py
 	test -x $(SERVE_PY) || $(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_PIP) install --upgrade pip setuptools wheel
 	$(SERVE_PIP) install $(TORCH_CPU)
-	$(SERVE_PIP) install -e ".[serve,export]" "pytest>=8" "pytest-benchmark>=4"
+	$(SERVE_PIP) install -e ".[serve,export,catalog]" "pytest>=8" "pytest-benchmark>=4"
 	touch $@
 
 serve-venv: $(SERVE_VENV)/.ready

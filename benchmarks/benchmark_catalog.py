@@ -18,23 +18,35 @@ one JSON line per kind on stdout, a Markdown row each on stderr.
 ``--add-rounds`` adds (each a new version); the directory holds only ``items/``, as the add never opens the graphs.
 Also the time a reader takes to load the new version (``read_item_tokens``: read, sha256, finite check), what a
 served model spends between two batches when it switches (``Recommender.reload_items`` then binds it).
+
+``--recommender``: ``Recommender.topk`` end to end on an ``--items``-item synthetic export. A tiny random Speeder
+(1,000 items, token width 64) is exported to ONNX with an index (``export_model(index="flat")``: the query graph);
+then a seeded clustered table of ``--items`` rows becomes item-table version 2 with an IVF index, its search effort
+tuned to ``--recall-target`` on the query graph's vectors of ``--tune-queries`` seeded random histories over that
+table (``speeder_rt.export.index.tuning_queries``, as the exporter does). Measured on other random histories (1 to
+12 items): ``topk(k=10)`` at batch 1 and 16 through the index (query graph + ``ItemIndex.search``) and through the
+exact top-k graph (the same ``Recommender`` with ``index = None``: what an export without an index runs), the
+query graph alone, and recall@10 of the index path against the exact one. ONNX Runtime and FAISS each run 1
+thread.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from speeder_rt.catalog import ItemIndex, recall
-from speeder_rt.catalog.export_items import add_export_items
 from speeder_rt.catalog.synthetic import clustered_catalog
+from speeder_rt.export.add_items import add_export_items
 from speeder_rt.export.items import read_item_tokens, write_item_tokens
 
 K, ADDED = 10, 1000
@@ -80,6 +92,83 @@ def export_add(items: int, dim: int, rounds: int) -> dict[str, object]:
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
+def recommender_topk(items: int, recall_target: float, tune_queries: int, queries: int, rounds: int,
+                     efforts: list[int]) -> dict[str, object]:
+    """``Recommender.topk`` through an IVF index vs the exact top-k graph on an ``items``-item synthetic export;
+    ``efforts``: also recall@10 and batch-1 latency at these ``nprobe`` values (``row["sweep"]``)."""
+    from speeder_rt.data import SyntheticConfig, generate_synthetic
+    from speeder_rt.export.exporter import export_model
+    from speeder_rt.export.format import Ranges
+    from speeder_rt.export.index import tuning_queries
+    from speeder_rt.model import BackboneConfig, SpeederConfig, SpeederModel
+    from speeder_rt.runtime import Recommender
+    from speeder_rt.runtime.recommender import pad_histories
+
+    _, table = generate_synthetic(SyntheticConfig(n_items=1000, n_users=20, seed=3))
+    model = SpeederModel(SpeederConfig(backbone=BackboneConfig(shape="tiny"), d_expert=32, max_history=12,
+                                       modalities=["text", "image"]), table).eval()
+    ranges = Ranges(max_batch=16, max_history=12, max_candidates=8)
+    row: dict[str, object] = {"items": items, "mode": "recommender", "engine": "onnx", "threads": 1}
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        export = Path(tmp) / "export"
+        start = time.perf_counter()
+        export_model(model, "onnx", export, ranges=ranges, topk=K, device="cpu", index="flat", log=lambda *_: None)
+        row["export_s"] = round(time.perf_counter() - start, 1)
+        rec = Recommender.load(export, threads=1)
+        tokens, _ = clustered_catalog(items, model.hidden_size, 0, seed=0)
+        row["dim"] = model.hidden_size
+        start = time.perf_counter()
+        rec.runner.set_item_tokens(tokens)  # the query graph's vectors over the new table: the tuning set
+        tune = tuning_queries(rec.runner, items, ranges, count=tune_queries, seed=0)
+        index = ItemIndex.build(tokens, "ivf", recall_target=recall_target, tune_queries=tune)
+        row["index_build_s"] = round(time.perf_counter() - start, 1)
+        row["params"] = dict(index.params)
+        write_item_tokens(export, tokens, version=2, index=index)
+        del index, tune
+        rec.reload_items()
+        rng = np.random.default_rng(1)
+        histories = [rng.choice(items, size=rng.integers(1, ranges.max_history + 1), replace=False).tolist()
+                     for _ in range(queries)]
+        got, _ = rec.topk(histories, k=K)
+        served = rec.index
+        rec.index = None  # the exact top-k graph: what Recommender.topk runs for an export without an index
+        want, _ = rec.topk(histories, k=K)
+        row["recall@10"] = round(recall(got, want), 4)
+        for name, index_used, call_rounds in (("ann", served, rounds), ("exact", None, max(5, rounds // 10))):
+            rec.index = index_used
+            for batch in (1, 16):
+                row[f"{name}_batch{batch}_ms"] = round(_median_call_ms(
+                    lambda rows: rec.topk(rows, k=K), histories, batch, call_rounds), 3)
+        for batch in (1, 16):
+            row[f"query_graph_batch{batch}_ms"] = round(_median_call_ms(
+                lambda rows: rec.runner.query(*pad_histories([np.asarray(h) for h in rows])), histories, batch,
+                rounds), 3)
+        rec.index, sweep = served, []
+        for effort in efforts:
+            served.set_search_effort(effort)
+            got, _ = rec.topk(histories, k=K)
+            sweep.append({"nprobe": effort, "recall@10": round(recall(got, want), 4), "batch1_ms": round(
+                _median_call_ms(lambda rows: rec.topk(rows, k=K), histories, 1, rounds), 3)})
+        row["sweep"] = sweep
+    row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    row["faiss"] = faiss.__version__
+    row["load_average_1m"] = round(os.getloadavg()[0], 1)
+    return row
+
+
+def _median_call_ms(call: Callable[[list[list[int]]], object], histories: list[list[int]], batch: int,
+                    rounds: int) -> float:
+    """Median wall time of ``rounds`` calls on ``batch`` distinct histories each (after one warm-up)."""
+    call(histories[:batch])
+    times = []
+    for r in range(rounds):
+        rows = histories[(r * batch) % (len(histories) - batch + 1):][:batch]
+        start = time.perf_counter()
+        call(rows)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, required=True)
@@ -94,7 +183,19 @@ def main() -> None:
                         "comma-separated: recall@10 and batch-1 latency of each")
     parser.add_argument("--export-add", action="store_true", help="measure catalog add --export instead (see above)")
     parser.add_argument("--add-rounds", type=int, default=3)
+    parser.add_argument("--recommender", action="store_true", help="Recommender.topk end to end instead (see above)")
+    parser.add_argument("--rounds", type=int, default=200, help="--recommender: latency rounds of the ANN path")
     args = parser.parse_args()
+    if args.recommender:
+        faiss.omp_set_num_threads(1)
+        row = recommender_topk(args.items, args.recall_target, args.tune_queries, args.queries, args.rounds,
+                               [int(e) for e in filter(None, args.effort_sweep.split(","))])
+        print(json.dumps(row), flush=True)
+        print(f"| {args.items:,} x {row['dim']} | {row['params']} | {row['ann_batch1_ms']} | {row['ann_batch16_ms']} | "
+              f"{row['exact_batch1_ms']} | {row['exact_batch16_ms']} | {row['query_graph_batch1_ms']} | "
+              f"{row['query_graph_batch16_ms']} | {row['recall@10']} | {row['peak_rss_gib']} GiB |",
+              file=sys.stderr, flush=True)
+        return
     if args.export_add:
         row = export_add(args.items, args.dim, args.add_rounds)
         print(json.dumps(row), flush=True)

@@ -10,7 +10,7 @@ import torch
 from tiny_model import tiny_speeder
 
 from speeder_rt.catalog import __main__ as catalog_cli
-from speeder_rt.catalog.export_items import add_export_items
+from speeder_rt.export.add_items import add_export_items
 from speeder_rt.export.exporter import export_model
 from speeder_rt.export.format import Ranges
 from speeder_rt.export.items import ITEMS_DIR, read_item_tokens, read_pointer, write_item_tokens

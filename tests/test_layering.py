@@ -5,10 +5,12 @@
   are nodes of their own: nothing imports them. Imports under ``if TYPE_CHECKING:`` run only in the type checker
   and are left out;
 - ``kernels`` imports nothing of speeder_rt above it (only itself and the compiled ``_C``);
-- the runtime loads an ONNX export without the training stack: neither transformers, PyTorch nor
-  ``speeder_rt.model`` is imported (a fresh interpreter, so nothing else has loaded them).
+- the runtime loads an ONNX export (with its ANN index, where faiss is installed) without the training stack:
+  neither transformers, PyTorch nor ``speeder_rt.model`` is imported (a fresh interpreter, so nothing else has
+  loaded them).
 """
 import ast
+import importlib.util
 import json
 import os
 import subprocess
@@ -142,19 +144,26 @@ def test_an_onnx_export_loads_without_the_training_stack(tmp_path):
             "ranges": asdict(Ranges(8, 5, 4)), "triton_repository": ENGINE_REPOSITORY,
             "graphs": {name: {"file": files[name], **spec} for name, spec in io_specs(0).items()}}
     (tmp_path / EXPORT_JSON).write_text(json.dumps(meta))
-    write_item_tokens(tmp_path, np.zeros((50, 3), np.float32), version=1)
+    tokens = np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32)
+    index = None  # with faiss: an ANN index in the version too, which loading reads (speeder_rt.catalog.ann)
+    if importlib.util.find_spec("faiss"):
+        from speeder_rt.catalog import ItemIndex
+
+        index = ItemIndex.build(tokens, "exact")
+    write_item_tokens(tmp_path, tokens, version=1, index=index)
     probe = ("import json, sys\n"
              "from speeder_rt.runtime import Recommender\n"
              "rec = Recommender.load(sys.argv[1])\n"
              "scores = rec.recommend([[1, 2], [3]], [[4, 5], [6, 7]]).tolist()\n"
-             "print(json.dumps({'scores': scores, 'loaded': [m for m in ('transformers', 'torch', 'speeder_rt.model',"
-             " 'speeder_rt.export.exporter') if m in sys.modules]}))\n")
+             "print(json.dumps({'scores': scores, 'index': rec.index is not None, 'loaded': [m for m in "
+             "('transformers', 'torch', 'speeder_rt.model', 'speeder_rt.export.exporter') if m in sys.modules]}))\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, env=env,
                           timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["scores"] == [[4.0, 5.0], [6.0, 7.0]]  # the export really ran
+    assert result["index"] == (index is not None)
     assert result["loaded"] == []
 
 

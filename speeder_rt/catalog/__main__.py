@@ -5,7 +5,7 @@
                                                        MoME (the model the export was made from)
     add --export DIR --tokens NEW.npy                  an export's item table, tokens given ([M, D] .npy, no pickle)
 
-An export gets a new version of ``items/`` (``speeder_rt.catalog.export_items``): nothing is re-exported, a running
+An export gets a new version of ``items/`` (``speeder_rt.export.add_items``): nothing is re-exported, a running
 server picks it up between requests. Exit status: 0 added; 2 bad input (named: file, line, field or row), nothing
 written.
 """
@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from speeder_rt.catalog.export_items import add_export_items
+from speeder_rt.export.add_items import add_export_items
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"added {added.count} items (ids {added.first_id}..{added.first_id + added.count - 1}) to {added.export_dir} "
-          f"(item table version {added.version})")
+          f"(item table version {added.version}{', ANN index extended' if added.indexed else ''})")
     return 0
 
 

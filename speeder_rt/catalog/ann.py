@@ -41,14 +41,13 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
-from speeder_rt.utils.io import atomic_dir, write_json
-from speeder_rt.utils.readers import read_json_fields
+from speeder_rt.catalog import EXACT_MAX_ITEMS
+from speeder_rt.utils.io import atomic_dir, read_json_fields, write_json
 
 FORMAT_VERSION = 1
 INDEX_FILE, SIDECAR_FILE = "index.faiss", "index.json"
 Kind = Literal["auto", "exact", "faiss", "hnsw", "ivf"]
 KINDS: tuple[str, ...] = ("auto", "exact", "faiss", "hnsw", "ivf")
-EXACT_MAX_ITEMS = 50_000  # "auto": exact below, "faiss" (= IVF) from here on
 HNSW_M, HNSW_EF_CONSTRUCTION = 32, 64
 IVF_TRAIN_POINTS_PER_CELL = 64
 EF_SEARCH_MAX = 512

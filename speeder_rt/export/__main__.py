@@ -12,6 +12,7 @@ import sys
 from speeder_rt.export.exporter import ExportError, ParityError, export_checkpoint
 from speeder_rt.export.format import ENGINES
 from speeder_rt.export.graph import DTYPES, EXPORT_BACKENDS
+from speeder_rt.export.index import INDEX_CHOICES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (aoti compiles for it; trt needs cuda)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--allow-mismatch", action="store_true", help="keep the export when parity fails")
+    parser.add_argument("--index", default="auto", choices=INDEX_CHOICES,
+                        help="ANN index of full-catalog top-k: exact = none (the top-k graph scans the table), faiss = "
+                             "FAISS IVF, auto = exact below 50,000 items else faiss; flat / ivf / hnsw: one FAISS "
+                             "structure (needs faiss-cpu: pip install 'speeder_rt[catalog]')")
     return parser
 
 
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         result = export_checkpoint(args.checkpoint, args.engine, args.out, dtype=args.dtype, max_batch=args.max_batch,
                                    max_history=args.max_history, max_candidates=args.max_candidates, topk=args.topk,
                                    atol=args.atol, attn_backend=args.attn_backend, device=args.device, force=args.force,
-                                   allow_mismatch=args.allow_mismatch)
+                                   allow_mismatch=args.allow_mismatch, index=args.index)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

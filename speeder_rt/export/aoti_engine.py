@@ -1,7 +1,7 @@
 """AOTInductor export: ``torch.export`` -> ``aoti_compile_and_package`` (``.pt2``) -> ``aoti_load_package``.
 
-Each graph is its own package (``scores.pt2``, ``topk.pt2``) with plain tensor inputs and a flat list of
-outputs, so C++ loads it with ``torch::inductor::AOTIModelPackageLoader(path)`` and calls ``run({history_ids,
+Each graph is its own package (``scores.pt2``, ``topk.pt2``, ``query.pt2`` with an ANN index) with plain tensor
+inputs and a flat list of outputs, so C++ loads it with ``torch::inductor::AOTIModelPackageLoader(path)`` and calls ``run({history_ids,
 history_mask, candidate_ids})``. A package is compiled for one device type (the export's ``--device``).
 """
 from __future__ import annotations
@@ -27,8 +27,10 @@ def export_aoti(graph: nn.Module, args: tuple[torch.Tensor, ...], ranges: Ranges
 class AotiRunner(ModuleRunner):
     """The AOTInductor packages, loaded; inputs are moved to the package's device."""
 
-    def __init__(self, scores_path: Path, topk_path: Path | None, topk_k: int, device: str = "cpu") -> None:
+    def __init__(self, scores_path: Path, topk_path: Path | None, topk_k: int, device: str = "cpu",
+                 query_path: Path | None = None) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"this AOTInductor package was compiled for {device}; no CUDA device is available here")
         topk = torch._inductor.aoti_load_package(str(topk_path)) if topk_path is not None else None
-        super().__init__(torch._inductor.aoti_load_package(str(scores_path)), topk, topk_k, device)
+        query = torch._inductor.aoti_load_package(str(query_path)) if query_path is not None else None
+        super().__init__(torch._inductor.aoti_load_package(str(scores_path)), topk, topk_k, device, query)

@@ -37,11 +37,13 @@ from speeder_rt.export.graph import (
     DTYPES,
     EXPORT_BACKENDS,
     ParityReport,
+    QueryGraph,
     ScoringGraph,
     TopKGraph,
     check_parity,
     example_inputs,
 )
+from speeder_rt.export.index import build_index, index_kind, tuning_queries
 from speeder_rt.export.items import ITEMS_DIR, write_item_tokens
 from speeder_rt.export.runners import open_runner
 from speeder_rt.model.speeder import SpeederModel
@@ -107,7 +109,7 @@ def _check_options(engine: str, out: Path, dtype: str, ranges: Ranges, topk: int
 def export_checkpoint(checkpoint: str | Path, engine: str, out: str | Path, *, dtype: str = "fp32",
                       max_batch: int = 64, max_history: int | None = None, max_candidates: int = 100, topk: int = 10,
                       atol: float | None = None, attn_backend: str = "sdpa", device: str = "auto", force: bool = False,
-                      allow_mismatch: bool = False, log: Callable[[str], None] = print) -> ExportResult:
+                      allow_mismatch: bool = False, index: str = "auto", log: Callable[[str], None] = print) -> ExportResult:
     """Export a Speeder model directory (a run's ``best/`` or ``last/``); ``max_history`` defaults to the model's."""
     out = Path(out)
     known = Ranges(max_batch, 1 if max_history is None else max_history, max_candidates)
@@ -117,7 +119,7 @@ def export_checkpoint(checkpoint: str | Path, engine: str, out: str | Path, *, d
     ranges = Ranges(max_batch, model.cfg.max_history if max_history is None else max_history, max_candidates)
     return export_model(model, engine, out, dtype=dtype, ranges=ranges, topk=topk, atol=atol, attn_backend=attn_backend,
                         device=device, force=force, allow_mismatch=allow_mismatch, source=str(Path(checkpoint).resolve()),
-                        log=log)
+                        index=index, log=log)
 
 
 def load_speeder(path: str | Path) -> SpeederModel:
@@ -134,9 +136,10 @@ def load_speeder(path: str | Path) -> SpeederModel:
 
 def export_model(model: SpeederModel, engine: str, out: str | Path, *, dtype: str = "fp32", ranges: Ranges | None = None,
                  topk: int = 10, atol: float | None = None, attn_backend: str = "sdpa", device: str = "cpu",
-                 force: bool = False, allow_mismatch: bool = False, source: str | None = None,
+                 force: bool = False, allow_mismatch: bool = False, source: str | None = None, index: str = "auto",
                  log: Callable[[str], None] = print) -> ExportResult:
-    """Export ``model`` (left unchanged) to ``out``; see the module docstring for the layout and errors."""
+    """Export ``model`` (left unchanged) to ``out``; see the module docstring for the layout and errors. ``index``:
+    the ANN index of full-catalog top-k (``speeder_rt.export.index``: auto, exact = none, faiss, flat, ivf, hnsw)."""
     out = Path(out)
     ranges = ranges or Ranges(max_history=model.cfg.max_history)
     _check_options(engine, out, dtype, ranges, topk, attn_backend, force)
@@ -147,16 +150,16 @@ def export_model(model: SpeederModel, engine: str, out: str | Path, *, dtype: st
             raise ValueError(f"the model's max_history={model.cfg.max_history}; export needs at least 3")
         if topk > model.num_items:
             raise ValueError(f"--topk {topk} exceeds the catalog size {model.num_items}")
+        kind = index_kind(index, engine, topk, model.num_items)
     except ValueError as e:
         raise ExportError(str(e)) from None
     model_dtype = next(model.parameters()).dtype
     atol = default_atol(dtype, model_dtype) if atol is None else atol
-    artifacts = artifact_files(engine, topk > 0)
+    artifacts = artifact_files(engine, topk > 0, query=kind is not None)
     timings: dict[str, float] = {}
     with torch.no_grad():
         item_tokens = model.item_token_table().detach().float().cpu().numpy().astype(item_table_dtype(engine, dtype))
     with atomic_dir(out, overwrite=force) as tmp:
-        write_item_tokens(tmp, item_tokens, version=1)
         for name, rel in artifacts.items():
             start = time.perf_counter()
             _build(model, engine, name, tmp, rel, ranges, topk, dtype, attn_backend, device, item_tokens)
@@ -168,13 +171,22 @@ def export_model(model: SpeederModel, engine: str, out: str | Path, *, dtype: st
         runner.set_item_tokens(item_tokens)
         home, training = model.available.device, model.training
         try:
-            report = check_parity(runner, model.to(device), ranges, atol)
+            report = check_parity(runner, model.to(device), ranges, atol, query="query" in artifacts)
         finally:
             model.to(home).train(training)
-        del runner
         timings["parity"] = round(time.perf_counter() - start, 2)
         log(report.table())
+        item_index = None
+        if kind is not None:  # tuned on the query graph's own vectors
+            start = time.perf_counter()
+            item_index = build_index(item_tokens, kind, tuning_queries(runner, model.num_items, ranges))
+            timings["build_index"] = round(time.perf_counter() - start, 2)
+            log(f"index: built {item_index.kind} {item_index.params} over {item_index.size} items in "
+                f"{timings['build_index']:.1f}s")
+        del runner
+        write_item_tokens(tmp, item_tokens, version=1, index=item_index)
         meta = _meta(model, engine, dtype, ranges, topk, attn_backend, device, artifacts, atol, report, source, timings)
+        meta["index"] = {"requested": index, "kind": item_index.kind if item_index else None}  # kind None: exact graph
         write_json(tmp / PARITY_JSON, report.summary())
         write_json(tmp / EXPORT_JSON, meta)
         if not report.passed and not allow_mismatch:
@@ -184,28 +196,30 @@ def export_model(model: SpeederModel, engine: str, out: str | Path, *, dtype: st
 
 def _build(model: SpeederModel, engine: str, graph_name: str, tmp: Path, rel: str, ranges: Ranges, topk: int, dtype: str,
            attn_backend: str, device: str, item_tokens: np.ndarray) -> None:
-    is_topk = graph_name == "topk"
+    no_candidates = graph_name != "scores"  # topk and query take the history only
     graph_dtype = torch.float32 if engine == "trt" else DTYPES[dtype]  # TensorRT lowers precision by builder flags
     graph: torch.nn.Module
-    if is_topk:
+    if graph_name == "topk":
         graph = TopKGraph(model, topk, graph_dtype, attn_backend, ranges)
+    elif graph_name == "query":
+        graph = QueryGraph(model, graph_dtype, attn_backend, ranges)
     else:
         graph = ScoringGraph(model, graph_dtype, attn_backend, ranges)
     graph_device = device if engine == "aoti" else "cpu"
     graph.to(graph_device)
-    args = example_inputs(torch.from_numpy(item_tokens), is_topk, graph_device)
+    args = example_inputs(torch.from_numpy(item_tokens), no_candidates, graph_device)
     if engine == "aoti":
         from speeder_rt.export.aoti_engine import export_aoti
 
-        export_aoti(graph, args, ranges, is_topk, tmp / rel)
+        export_aoti(graph, args, ranges, no_candidates, tmp / rel)
         return
     from speeder_rt.export.onnx_engine import export_onnx
 
     onnx_path = tmp / rel if engine == "onnx" else tmp / "onnx" / f"{graph_name}.onnx"
-    export_onnx(graph, args, ranges, is_topk, onnx_path, default_item_tokens=item_tokens)
+    export_onnx(graph, args, ranges, graph_name, onnx_path, default_item_tokens=item_tokens)
     del graph
     if engine == "trt":
-        trt_engine.build_plan(onnx_path, tmp / rel, ranges, is_topk, dtype)
+        trt_engine.build_plan(onnx_path, tmp / rel, ranges, no_candidates, dtype)
 
 
 def _write_triton(tmp: Path, engine: str, ranges: Ranges, topk: int, device: str) -> None:
@@ -227,7 +241,7 @@ def _meta(model: SpeederModel, engine: str, dtype: str, ranges: Ranges, topk: in
     packages = {"onnx": ["onnx", "onnxruntime"], "trt": ["onnx", "tensorrt"], "aoti": []}[engine]
     for package in packages:
         versions[package] = __import__(package).__version__
-    specs = io_specs(topk, item_table_dtype(engine, dtype), model.hidden_size)
+    specs = io_specs(topk, item_table_dtype(engine, dtype), model.hidden_size, query="query" in artifacts)
     return {
         VERSION_KEY: FORMAT_VERSION,
         "engine": engine,

@@ -13,14 +13,17 @@ runtime's tests) reads the format without loading PyTorch or the model. The expo
                                  1/model.py), what ``python -m speeder_rt.serve`` runs; see ``triton_repo``
     onnx/scores.onnx, topk.onnx  trt: the ONNX graphs the plans were built from
     scores.pt2, topk.pt2         aoti: AOTInductor packages (no Triton repository)
+    query.onnx / query.pt2       onnx / aoti exports with an ANN index: the query graph
     items/current.json           the item-token table's current version (``speeder_rt.export.items``)
     items/v000001/item_tokens.npy  one version of the table, [N, D]; later versions append rows
+    items/v000001/index/         its FAISS index when the export has one (``speeder_rt.catalog.ann.ItemIndex``)
 
 Two graphs: candidate scoring and full-catalog top-k (``k = topk`` fixed at export; ``topk=0`` leaves it out),
-their inputs and outputs given by ``io_specs``. Batch, history width and candidate count are dynamic within
-``Ranges``. The item-token table is the graphs' last input, ``item_tokens`` [N, D] with N dynamic (the current
-version of ``items/``, bound by the runner, never sent by a client: ``request_inputs``). A loaded graph pair is a
-``Runner``.
+and a third, ``query`` (the PRED query vector [B, D]: an item's score is its dot product with the item's token),
+only in an export with an ANN index, which answers top-k from it; their inputs and outputs given by ``io_specs``.
+Batch, history width and candidate count are dynamic within ``Ranges``. The item-token table is the graphs' last
+input, ``item_tokens`` [N, D] with N dynamic (the current version of ``items/``, bound by the runner, never sent by a
+client: ``request_inputs``). A loaded set of graphs is a ``Runner``.
 
 The version: ``FORMAT_VERSION`` under the key ``VERSION_KEY`` (``format_version``), the key every speeder_rt file
 uses (model directories, item tables, study results). Exports written before it had the key ``format``
@@ -49,13 +52,15 @@ PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "trt": ("tensorrt_plan"
 TRITON_MODEL_MODULE = "speeder_rt.serve.triton_model"
 
 
+NO_QUERY = "this artifact was exported without a query graph (no ANN index: --index exact)"  # Runner.query's error
 ITEM_TOKENS = "item_tokens"  # the graphs' table input (not batched: the runner binds it, clients never send it)
 
 
-def io_specs(topk_k: int, table_dtype: str = "float32", table_dim: int | str = "dim"
+def io_specs(topk_k: int, table_dtype: str = "float32", table_dim: int | str = "dim", query: bool = False
              ) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Graph name -> inputs / outputs as {name, dtype, shape}; symbolic dims are named, the batch first (except
-    ``item_tokens`` [num_items, table_dim], of ``table_dtype``: ``item_table_dtype``)."""
+    ``item_tokens`` [num_items, table_dim], of ``table_dtype``: ``item_table_dtype``). ``query``: with the query
+    graph (exports with an ANN index)."""
     def spec(name: str, dtype: str, *shape: str | int) -> dict[str, Any]:
         return {"name": name, "dtype": dtype, "shape": list(shape)}
 
@@ -66,6 +71,8 @@ def io_specs(topk_k: int, table_dtype: str = "float32", table_dim: int | str = "
     if topk_k:
         specs["topk"] = {"inputs": history + [table], "outputs": [spec("item_ids", "int64", "batch", topk_k),
                                                                   spec("scores", "float32", "batch", topk_k)]}
+    if query:
+        specs["query"] = {"inputs": history + [table], "outputs": [spec("query", "float32", "batch", table_dim)]}
     return specs
 
 
@@ -110,6 +117,10 @@ class Runner(Protocol):
 
     def topk(self, history_ids: np.ndarray, history_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
+    def query(self, history_ids: np.ndarray, history_mask: np.ndarray) -> np.ndarray:
+        """The query vectors float32 [B, D] (a ValueError where the export has no query graph)."""
+        ...
+
 
 def model_dir(repo: Path, graph: str) -> Path:
     """Directory of ``graph`` ('scores' or 'topk') in the Triton repository ``repo``."""
@@ -121,12 +132,16 @@ def artifact_path(repo: Path, graph: str, engine: str) -> Path:
     return model_dir(repo, graph) / "1" / PLATFORMS[engine][1]
 
 
-def artifact_files(engine: str, topk: bool) -> dict[str, str]:
-    """Graph name -> its file, relative to the export directory."""
+def artifact_files(engine: str, topk: bool, query: bool = False) -> dict[str, str]:
+    """Graph name -> its file, relative to the export directory. The query graph (onnx, aoti) is not a Triton model:
+    it sits beside the repository."""
     graphs = ["scores", "topk"] if topk else ["scores"]
     if engine == "aoti":
-        return {g: f"{g}.pt2" for g in graphs}
-    return {g: str(artifact_path(Path(ENGINE_REPOSITORY), g, engine)) for g in graphs}
+        return {g: f"{g}.pt2" for g in graphs + ["query"] * query}
+    files = {g: str(artifact_path(Path(ENGINE_REPOSITORY), g, engine)) for g in graphs}
+    if query:  # onnx (TensorRT exports take no ANN index: export.index.index_kind)
+        files["query"] = "query.onnx"
+    return files
 
 
 def format_version(meta: dict[str, Any]) -> Any:

@@ -4,7 +4,9 @@ check.
 ``ScoringGraph``: ``(history_ids int64 [B, n], history_mask bool [B, n], candidate_ids int64 [B, K],
 item_tokens [N, d]) -> scores float32 [B, K]``. ``TopKGraph``: ``(history_ids, history_mask, item_tokens) ->
 (item_ids int64 [B, k], scores float32 [B, k])`` over the whole catalog with the history's items excluded; ``k``
-is fixed at export time (a constant of the graph, so ONNX / TensorRT see a static TopK). ``item_tokens`` is the
+is fixed at export time (a constant of the graph, so ONNX / TensorRT see a static TopK). ``QueryGraph``:
+``(history_ids, history_mask, item_tokens) -> query float32 [B, d]``, the PRED query vector ``q`` (item ``i``
+scores ``q . item_tokens[i]``), what an ANN index searches with (exports with ``--index``). ``item_tokens`` is the
 item-token table (``format.item_table_dtype``; a bf16 graph casts it), N dynamic: the catalog is the table passed
 in, so items appended to it are scored without a new export.
 
@@ -164,6 +166,20 @@ class TopKGraph(nn.Module):
         return top.indices.masked_fill(~valid, -1), top.values.masked_fill(~valid, float("nan"))
 
 
+class QueryGraph(nn.Module):
+    """The PRED query vector: ``forward(history_ids, history_mask, item_tokens) -> query float32 [B, d]``; item ``i``
+    scores ``query . item_tokens[i]`` (TopKGraph's scores); an invalid row's query is NaN."""
+
+    def __init__(self, model: SpeederModel, dtype: torch.dtype = torch.float32, backend: str = "sdpa",
+                 ranges: Ranges | None = None) -> None:
+        super().__init__()
+        self.core = _Slim(model, dtype, backend, ranges)
+
+    def forward(self, history_ids: torch.Tensor, history_mask: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
+        query, _, rows, _ = self.core.query(history_ids, history_mask, history_ids[:, :0], self.core.table(item_tokens))
+        return query.masked_fill(~rows[:, None], float("nan"))
+
+
 def example_inputs(item_tokens: torch.Tensor, topk: bool, device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:
     """Tracing inputs of batch 2, width 2, 2 candidates (size 1 would be specialised), ragged lengths, over the
     table ``item_tokens``."""
@@ -225,15 +241,19 @@ class ParityReport:
     rule: str = "max|engine - reference| <= atol * max(1, max|reference|), per case"
     scores: list[ParityCase] = field(default_factory=list)
     topk: list[ParityCase] = field(default_factory=list)
+    query: list[ParityCase] = field(default_factory=list)  # exports with a query graph; ``candidates``: the width d
     topk_k: int = 0
+
+    def _named_cases(self) -> tuple[tuple[str, list[ParityCase]], ...]:
+        return ("scores", self.scores), ("topk", self.topk), ("query", self.query)
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.scores + self.topk)
+        return all(c.passed for c in self.scores + self.topk + self.query)
 
     def failure(self) -> str:
         """Why the parity check failed, in one sentence."""
-        cases = self.scores + self.topk
+        cases = self.scores + self.topk + self.query
         broken = next((c for c in cases if c.non_finite), None)
         if broken:
             side, _, value = broken.non_finite.partition(" ")
@@ -244,7 +264,7 @@ class ParityReport:
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"passed": self.passed, "atol": self.atol, "rule": self.rule}
-        for name, cases in (("scores", self.scores), ("topk", self.topk)):
+        for name, cases in self._named_cases():
             if cases:
                 out[name] = {"max_abs_error": max(c.max_abs_error for c in cases),
                              "max_rel_error": max(c.max_rel_error for c in cases),
@@ -257,7 +277,7 @@ class ParityReport:
     def table(self) -> str:
         """Human-readable lines, one per case."""
         lines = [f"parity ({self.rule}; atol={self.atol:g}):"]
-        for name, cases in (("scores", self.scores), ("topk", self.topk)):
+        for name, cases in self._named_cases():
             for c in cases:
                 lines.append(f"  {name:6s} B={c.batch:<3d} n={c.history:<3d} K={c.candidates:<4d} max_abs={c.max_abs_error:.3e} "
                              f"max_rel={c.max_rel_error:.3e} top1={c.top1_agreement:.2f} {'ok' if c.passed else 'FAIL'}"
@@ -313,8 +333,10 @@ def _compare(case: ParityCase, got: np.ndarray, want: np.ndarray, atol: float, e
 
 
 @torch.no_grad()
-def check_parity(runner: Runner, model: SpeederModel, ranges: Ranges, atol: float, seed: int = 0) -> ParityReport:
-    """Compare ``runner`` with the PyTorch model (its own dtype and attention backend) on ``parity_cases``."""
+def check_parity(runner: Runner, model: SpeederModel, ranges: Ranges, atol: float, seed: int = 0,
+                 query: bool = False) -> ParityReport:
+    """Compare ``runner`` with the PyTorch model (its own dtype and attention backend) on ``parity_cases``;
+    ``query``: its query graph too (the query vectors, element by element)."""
     model.eval()
     device = model.available.device
     table = model.item_token_table()
@@ -331,15 +353,26 @@ def check_parity(runner: Runner, model: SpeederModel, ranges: Ranges, atol: floa
         report.scores.append(case)
         if runner.topk_k:
             report.topk.append(_check_topk(runner, model, table, history, history_len, ids, mask, atol, shape))
+        if query:
+            want_query = _reference_query(model, table, history, history_len).double().cpu().numpy()
+            case = ParityCase(candidates=want_query.shape[1], **shape)
+            _compare(case, runner.query(ids, mask), want_query, atol)
+            report.query.append(case)
     return report
+
+
+def _reference_query(model: SpeederModel, table: torch.Tensor, history: torch.Tensor,
+                     history_len: torch.Tensor) -> torch.Tensor:
+    """The PyTorch model's PRED query vectors float32 [B, d]."""
+    embeds, lay, _ = model.prompt(history, history_len, history[:, :0], table)
+    return model.pred_state(embeds, lay).float()
 
 
 def _check_topk(runner: Runner, model: SpeederModel, table: torch.Tensor, history: torch.Tensor, history_len: torch.Tensor,
                 ids: np.ndarray, mask: np.ndarray, atol: float, shape: dict[str, Any]) -> ParityCase:
     """Top-k values against the reference's, and the reference's scores of the returned ids against the
     returned scores (tie-robust: equal-score items may come back in either order)."""
-    embeds, lay, _ = model.prompt(history, history_len, history[:, :0], table)
-    full = (model.pred_state(embeds, lay).float() @ table.float().T).double().cpu().numpy()
+    full = (_reference_query(model, table, history, history_len) @ table.float().T).double().cpu().numpy()
     rows = np.arange(len(ids))[:, None]
     full[np.broadcast_to(rows, ids.shape)[mask], ids[mask]] = -np.inf
     k = runner.topk_k

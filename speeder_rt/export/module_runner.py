@@ -1,5 +1,5 @@
-"""``ModuleRunner``: the ``Runner`` protocol over two callables on torch tensors, the scoring graph and the optional
-top-k graph (numpy in, numpy out). The eager PyTorch runner and the AOTInductor packages are both this."""
+"""``ModuleRunner``: the ``Runner`` protocol over callables on torch tensors, the scoring graph and the optional
+top-k and query graphs (numpy in, numpy out). The eager PyTorch runner and the AOTInductor packages are both this."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,19 +8,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from speeder_rt.export.format import NO_QUERY
+
 
 class ModuleRunner:
-    """``scores`` and ``topk`` of the graphs ``scores_graph`` / ``topk_graph`` (None: no top-k graph), each called
-    with its inputs as tensors on ``device``, the item tokens (``set_item_tokens``: moved there once per table) last."""
+    """``scores``, ``topk`` and ``query`` of the graphs ``scores_graph`` / ``topk_graph`` / ``query_graph`` (None: no
+    such graph), each called with its inputs as tensors on ``device``, the item tokens (``set_item_tokens``: moved
+    there once per table) last."""
 
     no_topk = "this artifact was exported without a top-k graph (--topk 0)"  # the error of ``topk`` without one
 
     def __init__(self, scores_graph: Callable[..., Any], topk_graph: Callable[..., Any] | None, topk_k: int,
-                 device: str | torch.device) -> None:
+                 device: str | torch.device, query_graph: Callable[..., Any] | None = None) -> None:
         self.device = torch.device(device)
         self.topk_k = topk_k
         self._scores = scores_graph
         self._topk = topk_graph
+        self._query = query_graph
         self._table: torch.Tensor | None = None
 
     def set_item_tokens(self, tokens: np.ndarray) -> None:
@@ -44,3 +48,9 @@ class ModuleRunner:
             raise ValueError(self.no_topk)
         ids, scores = self._topk(*self._to(history_ids, history_mask), self._item_tokens())
         return ids.cpu().numpy(), scores.cpu().numpy()
+
+    @torch.no_grad()
+    def query(self, history_ids: np.ndarray, history_mask: np.ndarray) -> np.ndarray:
+        if self._query is None:
+            raise ValueError(NO_QUERY)
+        return self._query(*self._to(history_ids, history_mask), self._item_tokens()).cpu().numpy()

@@ -26,14 +26,14 @@ def state_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def export_onnx(graph: nn.Module, args: tuple[torch.Tensor, ...], ranges: Ranges, topk: bool, path: Path,
+def export_onnx(graph: nn.Module, args: tuple[torch.Tensor, ...], ranges: Ranges, graph_name: str, path: Path,
                 default_item_tokens: np.ndarray) -> None:
-    """Write ``graph`` to ``path`` (dynamic batch / history / candidates / table rows), ``default_item_tokens``
-    the default of its ``item_tokens`` input, and run the full checker on it."""
+    """Write ``graph`` (``graph_name``: scores, topk or query) to ``path`` (dynamic batch / history / candidates /
+    table rows), ``default_item_tokens`` the default of its ``item_tokens`` input, and run the full checker on it."""
     import onnx
 
-    program = export_program(graph, args, ranges, topk)
-    spec = io_specs(1)["topk" if topk else "scores"]
+    program = export_program(graph, args, ranges, topk=graph_name != "scores")
+    spec = io_specs(1, query=True)[graph_name]
     onnx_program = torch.onnx.export(program, args, dynamo=True, input_names=[s["name"] for s in spec["inputs"]],
                                      output_names=[s["name"] for s in spec["outputs"]], verbose=False)
     if onnx_program is None:  # dynamo=True returns the program

@@ -10,14 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from speeder_rt.export.format import ITEM_TOKENS
+from speeder_rt.export.format import ITEM_TOKENS, NO_QUERY
 
 
 class OnnxRunner:
-    """ONNX Runtime sessions for the scoring graph and (optionally) the top-k graph."""
+    """ONNX Runtime sessions for the scoring graph and (optionally) the top-k and query graphs."""
 
     def __init__(self, scores_path: Path, topk_path: Path | None, topk_k: int, device: str = "cpu",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, query_path: Path | None = None) -> None:
         """``threads``: each session's intra-op threads, which then sleep instead of spin-waiting between ops
         (None: ORT's default, one spinning thread per core)."""
         import onnxruntime as ort
@@ -40,6 +40,7 @@ class OnnxRunner:
         self._table: Any = None  # the OrtValue of the item tokens (set_item_tokens)
         self._scores = ort.InferenceSession(str(scores_path), options, providers=providers)
         self._topk = ort.InferenceSession(str(topk_path), options, providers=providers) if topk_path is not None else None
+        self._query = ort.InferenceSession(str(query_path), options, providers=providers) if query_path is not None else None
 
     def set_item_tokens(self, tokens: np.ndarray) -> None:
         on_cuda = self.device.startswith("cuda")
@@ -66,3 +67,8 @@ class OnnxRunner:
             raise ValueError("this artifact was exported without a top-k graph (--topk 0)")
         ids, scores = self._run(self._topk, history_ids=history_ids, history_mask=history_mask)
         return ids, scores
+
+    def query(self, history_ids: np.ndarray, history_mask: np.ndarray) -> np.ndarray:
+        if self._query is None:
+            raise ValueError(NO_QUERY)
+        return self._run(self._query, history_ids=history_ids, history_mask=history_mask)[0]

@@ -13,10 +13,11 @@ def open_runner(engine: str, root: Path, artifacts: dict[str, str], topk: int, d
                 threads: int | None = None) -> Runner:
     """The engine's runner over the graphs ``artifacts`` (relative to ``root``); no item table set yet."""
     topk_path = root / artifacts["topk"] if "topk" in artifacts else None
+    query_path = root / artifacts["query"] if "query" in artifacts else None
     if engine == "onnx":
         from speeder_rt.export.onnx_runner import OnnxRunner
 
-        return OnnxRunner(root / artifacts["scores"], topk_path, topk, device, threads)
+        return OnnxRunner(root / artifacts["scores"], topk_path, topk, device, threads, query_path)
     import torch
 
     if threads is not None:
@@ -24,7 +25,7 @@ def open_runner(engine: str, root: Path, artifacts: dict[str, str], topk: int, d
     if engine == "aoti":
         from speeder_rt.export.aoti_engine import AotiRunner
 
-        return AotiRunner(root / artifacts["scores"], topk_path, topk, device)
+        return AotiRunner(root / artifacts["scores"], topk_path, topk, device, query_path)
     from speeder_rt.export.trt_engine import TrtRunner
 
     return TrtRunner(root / artifacts["scores"], topk_path, topk, device)

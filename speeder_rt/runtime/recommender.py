@@ -14,20 +14,30 @@ arrays and match the PyTorch model (within the export's parity).
 
 An export's catalog is its item table's current version (``speeder_rt.export.items``): ``load`` reads it, and
 ``reload_items`` switches to a newer one (e.g. after ``python -m speeder_rt.catalog add --export DIR``) without
-reloading the graphs; ids of the new items are accepted from then on.
+reloading the graphs; ids of the new items are accepted from then on. When that version has an ANN index (an export
+made with ``--index``: ``speeder_rt.export.index``), ``topk`` answers through it: the query graph's vectors searched
+by the index with each user's history excluded (``ItemIndex.search``); a row the index fills with fewer than ``k``
+items (an approximate index's probed cells ran short) is answered by the exact top-k graph instead. The results keep
+the exact path's contract. Loading such a version without FAISS installed raises a ValueError naming the extra
+(``pip install 'speeder_rt[catalog]'``): an export built for ANN is not silently served by a full scan.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from speeder_rt.export.format import EXPORT_JSON, Ranges, Runner
+from speeder_rt.export.index import load_index
 from speeder_rt.export.items import read_item_tokens, read_pointer
 from speeder_rt.export.runners import check_threads, load_runner
 from speeder_rt.runtime.validation import Ids, RequestContract, check_finite_scores, check_finite_topk
+
+if TYPE_CHECKING:
+    from speeder_rt.catalog.ann import ItemIndex
 
 
 class Recommender:
@@ -44,6 +54,7 @@ class Recommender:
         self.meta = meta or {}
         self.export_dir = export_dir
         self.items_version: int | None = None  # the export's item-table version served (None: not an export)
+        self.index: ItemIndex | None = None  # that version's ANN index (None: top-k by the exact top-k graph)
         self.contract = RequestContract(num_items, ranges.max_history, ranges.max_candidates, runner.topk_k)
 
     @classmethod
@@ -70,10 +81,10 @@ class Recommender:
                    "torch", {"source_checkpoint": str(path)})
 
     def reload_items(self) -> bool:
-        """Serve the export's current item table if it is newer than the one served; True when it switched. The
-        table is checked (``read_item_tokens``) before anything changes: a bad version raises ValueError and the
-        served one stays. Ids only grow (append-only versions), so a request checked against the old size is valid
-        for the new table too."""
+        """Serve the export's current item table (and its ANN index, if it has one) if it is newer than the one
+        served; True when it switched. The table and the index are read and checked (``read_item_tokens``,
+        ``load_index``) before anything changes: a bad version raises ValueError and the served one stays. Ids only
+        grow (append-only versions), so a request checked against the old size is valid for the new table too."""
         if self.export_dir is None:
             raise ValueError(f"{self.meta.get('source_checkpoint')}: a model directory has no versioned item table "
                              "(add items with python -m speeder_rt.catalog add --model ... --out NEW_DIR)")
@@ -83,8 +94,10 @@ class Recommender:
         if items.num_items < self.num_items:
             raise ValueError(f"{self.export_dir}: item table version {items.version} has {items.num_items} items, "
                              f"fewer than the {self.num_items} served (versions only append)")
+        index_dir = items.index_dir(self.export_dir)
+        index = load_index(index_dir, items.num_items) if index_dir is not None else None
         self.runner.set_item_tokens(items.tokens)  # the table first: the old contract's ids stay valid for it
-        self.num_items, self.items_version = items.num_items, items.version
+        self.num_items, self.items_version, self.index = items.num_items, items.version, index
         self.contract = RequestContract(self.num_items, self.ranges.max_history, self.ranges.max_candidates,
                                         self.runner.topk_k)
         return True
@@ -115,13 +128,31 @@ class Recommender:
         return out
 
     def topk(self, history_ids: Ids, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """(item ids int64 [B, k], scores float32 [B, k]) over the whole catalog, history items excluded."""
+        """(item ids int64 [B, k], scores float32 [B, k]) over the whole catalog, history items excluded (through
+        the ANN index when the served item-table version has one)."""
         histories, k = self.contract.topk(history_ids, k)
-        parts = [self.runner.topk(*pad_histories(histories[a:b])) for a, b in self._chunks(len(histories))]
+        index = self.index  # read once: a reload_items meanwhile changes the next call
+        answer = self.runner.topk if index is None else partial(self._index_topk, index)
+        parts = [answer(*pad_histories(histories[a:b])) for a, b in self._chunks(len(histories))]
         ids = np.concatenate([p[0] for p in parts])[:, :k]
         scores = np.concatenate([p[1] for p in parts])[:, :k]
         check_finite_topk(pad_histories(histories)[0], ids, scores)
         return ids.astype(np.int64, copy=False), scores.astype(np.float32, copy=False)
+
+    def _index_topk(self, index: ItemIndex, history_ids: np.ndarray, history_mask: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """The top-k graph's answer (ids, scores [B, topk_k]) from the query graph and ``index``; rows the index
+        leaves short of ``topk_k`` items (an id -1) from the top-k graph. A non-finite query vector (a model fault)
+        gives its row NaN scores, which ``topk`` refuses like the exact graph's (``check_finite_topk``)."""
+        queries = self.runner.query(history_ids, history_mask)
+        finite = np.isfinite(queries).all(1)
+        scores, ids = index.search(np.where(finite[:, None], queries, 0), self.runner.topk_k,
+                                   exclude=np.where(history_mask, history_ids, -1))
+        scores[~finite] = np.nan
+        short = (ids < 0).any(1)
+        if short.any():
+            ids[short], scores[short] = self.runner.topk(history_ids[short], history_mask[short])
+        return ids, scores
 
     def _scores(self, histories: list[np.ndarray], candidates: np.ndarray) -> np.ndarray:
         out = [self.runner.scores(*pad_histories(histories[a:b]), candidates[a:b]) for a, b in self._chunks(len(histories))]

@@ -20,6 +20,9 @@ locks). The next write of the same target deletes every unlocked leftover, inclu
 versions of this module (``.NAME.XXXXXXXX.tmp`` files and ``.NAME.old-PID`` directories), and never a
 live writer's temporary directory: that one is locked. Where the filesystem has no ``flock``,
 leftovers are kept rather than risk deleting a live writer's work.
+
+Also the checked JSON readers (``read_json``, ``read_json_fields``): standard library only, so a serving process
+that reads a sidecar (an ANN index's ``index.json``) loads no PyTorch.
 """
 from __future__ import annotations
 
@@ -238,3 +241,34 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def read_json(file: str | Path, what: str = "JSON file") -> Any:
+    """The parsed content of ``file``; a ``ValueError`` naming the file (and the line) when it is missing or
+    not JSON."""
+    file = Path(file)
+    if not file.is_file():
+        raise ValueError(f"{file}: missing ({what})")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: line {e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def read_json_fields(file: str | Path, fields: tuple[str, ...], format_version: int, what: str = "JSON file"
+                     ) -> dict[str, Any]:
+    """A JSON object with every field of ``fields`` and ``format_version`` equal to the one given, or a
+    ``ValueError`` naming the file and the field."""
+    file = Path(file)
+    data = read_json(file, what)
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: a JSON object expected, got {type(data).__name__}")
+    for name in ("format_version", *fields):
+        if name not in data:
+            raise ValueError(f"{file}: field {name!r} missing")
+    if data["format_version"] != format_version:
+        raise ValueError(f"{file}: field 'format_version' is {data['format_version']!r}; this speeder_rt reads "
+                         f"{format_version}")
+    return data

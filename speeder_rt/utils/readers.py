@@ -1,4 +1,5 @@
-"""Checked readers for the files the package loads: JSON and safetensors. Nothing here runs code from a file.
+"""Checked readers for the files the package loads: JSON (``read_json`` / ``read_json_fields``, defined in the
+torch-free ``utils.io``) and safetensors. Nothing here runs code from a file.
 
 ``read_safetensors`` validates the whole header before touching the body, as the safetensors format
 defines it: an 8-byte little-endian header length, a JSON header mapping each tensor name to its dtype,
@@ -18,6 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from speeder_rt.utils.io import read_json as read_json  # re-exported: readers of both kinds in one place
+from speeder_rt.utils.io import read_json_fields as read_json_fields
+
 MAX_HEADER_BYTES = 100_000_000  # the safetensors reference implementation's limit
 # safetensors dtype -> (torch dtype, the numpy dtype the bytes are read as)
 DTYPES: dict[str, tuple[torch.dtype, Any]] = {
@@ -30,37 +34,6 @@ _NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 
 # name -> (dtype, shape); a shape entry of None matches any size, a shape of None any shape
 Expected = Mapping[str, tuple[torch.dtype, tuple[int | None, ...] | None]]
-
-
-def read_json(file: str | Path, what: str = "JSON file") -> Any:
-    """The parsed content of ``file``; a ``ValueError`` naming the file (and the line) when it is missing or
-    not JSON."""
-    file = Path(file)
-    if not file.is_file():
-        raise ValueError(f"{file}: missing ({what})")
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: line {e.lineno}: invalid JSON ({e.msg})") from None
-
-
-def read_json_fields(file: str | Path, fields: tuple[str, ...], format_version: int, what: str = "JSON file"
-                     ) -> dict[str, Any]:
-    """A JSON object with every field of ``fields`` and ``format_version`` equal to the one given, or a
-    ``ValueError`` naming the file and the field."""
-    file = Path(file)
-    data = read_json(file, what)
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: a JSON object expected, got {type(data).__name__}")
-    for name in ("format_version", *fields):
-        if name not in data:
-            raise ValueError(f"{file}: field {name!r} missing")
-    if data["format_version"] != format_version:
-        raise ValueError(f"{file}: field 'format_version' is {data['format_version']!r}; this speeder_rt reads "
-                         f"{format_version}")
-    return data
 
 
 def differences(a: Any, b: Any, key: str = "") -> list[tuple[str, Any, Any]]:

@@ -5,6 +5,9 @@ re-export: ``add_export_items(export_dir, tokens)`` checks the new rows (width =
 the table's dtype), writes ``items/v<N+1>/item_tokens.npy`` = the current rows followed by the new ones, and then
 points ``items/current.json`` at it. The new items get the ids ``N, N+1, ...``; existing ids never change. Readers
 switch when they next read the pointer (``Recommender.reload_items``; the Triton model checks between requests).
+When the current version has an ANN index (``items/vNNNNNN/index/``, exports made with ``--index``), the new
+version gets a copy of it extended with the new rows (``ItemIndex.add``: an IVF index keeps its cells), written in
+the new version's directory with its table; this needs FAISS (``pip install 'speeder_rt[catalog]'``).
 
 The tokens of new items come from their features through the model's MoME (``speeder_rt.catalog.add.item_tokens_for``)
 or from any other source of the same width (``--tokens FILE.npy``).
@@ -18,7 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from speeder_rt.export.items import ItemTokens, check_finite, read_item_tokens, write_item_tokens, writer_lock
+from speeder_rt.export.items import (
+    ItemTokens,
+    SavedIndex,
+    check_finite,
+    read_item_tokens,
+    write_item_tokens,
+    writer_lock,
+)
 
 
 @dataclass(frozen=True)
@@ -27,18 +37,32 @@ class AddedToExport:
     version: int  # the new version of the export's item table
     first_id: int  # the first new item's id (= the previous size)
     count: int
+    indexed: bool  # the new version's ANN index was extended with the new items (False: the export has no index)
 
 
 def add_export_items(export_dir: str | os.PathLike, tokens: np.ndarray | Sequence[Sequence[float]]) -> AddedToExport:
     """Append ``tokens`` [M, D] (M >= 1 new items; an array or a list of rows) to the export's item table as a new
-    version; ValueError naming the export and the row for a wrong width or a value that is not finite in the
-    table's dtype, and nothing written."""
+    version (with the current version's index extended by them, when it has one); ValueError naming the export and
+    the row for a wrong width or a value that is not finite in the table's dtype, and nothing written."""
     export_dir = Path(export_dir)
     with writer_lock(export_dir):
         current = read_item_tokens(export_dir)
         rows = _checked_rows(export_dir, current, tokens)
-        pointer = write_item_tokens(export_dir, np.concatenate([current.tokens, rows]), current.version + 1)
-    return AddedToExport(export_dir, pointer["version"], current.num_items, len(rows))
+        index = _extended_index(export_dir, current, rows)
+        pointer = write_item_tokens(export_dir, np.concatenate([current.tokens, rows]), current.version + 1, index)
+    return AddedToExport(export_dir, pointer["version"], current.num_items, len(rows), index is not None)
+
+
+def _extended_index(export_dir: Path, current: ItemTokens, rows: np.ndarray) -> SavedIndex | None:
+    """The current version's index loaded and extended with ``rows`` (None: the version has no index)."""
+    index_dir = current.index_dir(export_dir)
+    if index_dir is None:
+        return None
+    from speeder_rt.export.index import load_index  # FAISS: only for an export with an index
+
+    index = load_index(index_dir, current.num_items)
+    index.add(rows.astype(np.float32))
+    return index
 
 
 def _checked_rows(export_dir: Path, current: ItemTokens, tokens: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:

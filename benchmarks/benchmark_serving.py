@@ -68,8 +68,8 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 import aiohttp  # noqa: E402
 import tritonclient.grpc.aio as grpc_aio  # noqa: E402
 
-from speeder_rt.export.add_items import add_export_items  # noqa: E402
 from speeder_rt.data import SyntheticConfig, generate_synthetic  # noqa: E402
+from speeder_rt.export.add_items import add_export_items  # noqa: E402
 from speeder_rt.export.exporter import export_model  # noqa: E402
 from speeder_rt.export.format import Ranges  # noqa: E402
 from speeder_rt.export.items import read_item_tokens  # noqa: E402

@@ -209,6 +209,18 @@ def json_request(histories, candidates=None, **changes):
     return json.dumps(body).encode()
 
 
+def tritonserver_pids(srv):
+    """The tritonserver processes of ``srv`` (two while a recovery replaces one)."""
+    return [pid for pid in processes_naming(str(srv.workdir)) if command_name(pid) == "tritonserver"]
+
+
+def command_name(pid):
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def stub_pids(srv, model):
     """The Python-backend stub processes serving ``model`` (their first argument is <repository>/<model>/1/model.py)."""
     return [pid for pid in processes_naming(f"/{model}/1/model.py") if pid in processes_naming(str(srv.workdir))]
@@ -409,18 +421,24 @@ def test_a_killed_stub_is_reloaded_and_a_model_that_cannot_be_reloaded_stops_the
         (export / "model_repository" / "speeder" / "1" / "model.onnx").write_bytes(b"not an onnx file")
         (stub,) = stub_pids(server, "speeder")
         os.kill(stub, signal.SIGKILL)
+        killed = time.monotonic()
         code = server.proc.wait(timeout=2 * START_TIMEOUT_S)
+        exited_after_s = time.monotonic() - killed
     finally:
         left = server.stop()
     assert code == 1 and not left
+    # a new tritonserver that exits while loading is a failed recovery at once, not at PyTriton's 120 s start timeout
+    assert exited_after_s < 60, exited_after_s
     log = server.log()
     errors = [line for line in log.splitlines() if line.startswith("speeder_rt.serve: error: ")]
     assert len(errors) == 1, log[-3000:]
     assert "model speeder could not be recovered after 2 attempts (--max-recoveries)" in errors[0]
-    assert "last error: load failed for model 'speeder'" in errors[0] and "At:" not in errors[0]
+    # the cause is tritonserver's own line for the model, without the Python traceback that follows it
+    assert "last error: " in errors[0] and "failed to load 'speeder' version 1: " in errors[0], errors[0]
+    assert "INVALID_PROTOBUF" in errors[0] and "At:" not in errors[0]
     # the second death came soon after the first recovery (a recovery that did not hold) or it did not: either way
     # the last allowed attempt failed on the broken engine file
-    assert "recovery 2/2 of model speeder failed: load failed for model 'speeder'" in log
+    assert re.search(r"recovery 2/2 of model speeder failed: .*failed to load 'speeder' version 1: ", log)
 
 
 def grpc_infer(client, histories, candidates):
@@ -436,6 +454,7 @@ def check_recovery(server, rec):
     """kill -9 of the speeder stub under an HTTP and a gRPC client's requests: the checks of the test above."""
     body, want = json_request(HISTORIES, CANDIDATES), rec.recommend(HISTORIES, CANDIDATES)
     (stub,) = stub_pids(server, "speeder")
+    (first_tritonserver,) = tritonserver_pids(server)
     outcomes, grpc_outcomes, stop = [], [], threading.Event()
     grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
 
@@ -502,6 +521,15 @@ def check_recovery(server, rec):
     assert any(sent > recovered and code == "OK" for sent, _, code, _ in grpc_outcomes)
     assert stub_pids(server, "speeder") not in ([], [stub])
     assert "model speeder is down" in server.log() and "model speeder recovered in" in server.log()
+    # the recovery replaced tritonserver: the old one (which keeps what it held of the dead instance) stops once it
+    # has answered its requests, and the metrics port now reads the new one's counters
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and f"the replaced tritonserver (pid {first_tritonserver}) stopped" not in server.log():
+        time.sleep(0.2)
+    (current,) = tritonserver_pids(server)
+    assert current != first_tritonserver and f"the replaced tritonserver (pid {first_tritonserver})" in server.log()
+    served_after, _ = server_batches(server)  # a request sent after the kill and answered was the new one's
+    assert served_after == sum(sent > killed and code in (200, "OK") for sent, _, code, _ in outcomes + grpc_outcomes)
 
 
 def test_a_port_in_use_is_refused_with_a_clear_message(export_dir, tmp_path):

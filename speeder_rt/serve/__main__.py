@@ -5,9 +5,10 @@
 Settings left out keep the export's (model_repository_python/*/config.pbtxt: its max batch, a 2 ms queue delay,
 one instance, one engine thread per instance).
 
-A model whose instance process dies is reloaded (not ready meanwhile, its requests 503 / UNAVAILABLE); SIGINT /
-SIGTERM drains the requests in flight before stopping; HTTP and gRPC requests reach tritonserver through fronts
-in this process, which also check and bound the HTTP ones (docs/serving.md).
+A model whose instance process dies is recovered by a new tritonserver that replaces the old one behind the fronts
+(the model not ready meanwhile, its requests 503 / UNAVAILABLE); SIGINT / SIGTERM drains the requests in flight
+before stopping; HTTP, gRPC and metrics requests reach tritonserver through fronts in this process, which also check
+and bound the HTTP ones (docs/serving.md).
 
 Exit status: 0 stopped by SIGINT / SIGTERM; 1 the server died or a model could not be recovered (the message
 names it and the cause); 2 bad setup (export, ports, environment, flags).
@@ -39,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="the engine's CPU threads per instance (default: the export's, 1)")
     parser.add_argument("--max-recoveries", type=int, default=3,
-                        help="failed reloads of a model (a dead or crashing instance) before the server exits 1 "
-                             "(default 3)")
+                        help="failed recoveries of a model (a dead or crashing instance; each starts a new "
+                             "tritonserver) before the server exits 1 (default 3)")
     parser.add_argument("--drain-timeout-s", type=float, default=10.0,
                         help="on SIGINT / SIGTERM, the longest wait for the requests in flight (default 10)")
     parser.add_argument("--max-request-bytes", type=int, default=None,

@@ -1,5 +1,6 @@
-"""The request front on the public HTTP port: tritonserver's HTTP endpoint listens on a private loopback port
-behind it (the gRPC one behind ``grpc_front``; both share one ``Gate``).
+"""The request front on the public HTTP and metrics ports: the HTTP and metrics endpoints of the current
+tritonserver (``Health.backend``; it changes when a recovery replaces tritonserver) listen on private loopback
+ports behind it (the gRPC one behind ``grpc_front``; both share one ``Gate``).
 
 For every request the front
 
@@ -11,7 +12,9 @@ For every request the front
   endpoints itself from ``Health`` (the server is ready when every model is), as tritonserver 2.51's block while
   any model loads (17 s during a reload, measured);
 * while draining (SIGTERM / SIGINT) answers new requests 503 and counts the ones in flight (``Gate``);
-* forwards everything else unchanged (KServe v2 JSON or binary tensors, health, metadata, statistics).
+* forwards everything else unchanged (KServe v2 JSON or binary tensors, health, metadata, statistics), each
+  request to the tritonserver current when it came, counted there (``Backend.in_flight``) so that a replaced one
+  answers what it has before it stops; and the metrics port's requests to the current tritonserver's metrics.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from typing import TypeVar
 import aiohttp
 from aiohttp import web
 
+from speeder_rt.serve.backend import InFlight
 from speeder_rt.serve.health import Health, triton_error
 from speeder_rt.serve.limits import Refused, ServedModel, check_infer_body
 
@@ -58,21 +62,18 @@ class Gate:
     def __init__(self, models: list[str]) -> None:
         self.draining = False
         self.in_flight = {"HTTP": 0, "gRPC": 0}
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._all = InFlight()
         self._forwarding: dict[str, set[asyncio.Future]] = {name: set() for name in models}
 
     @contextmanager
     def admitted(self, protocol: str) -> Iterator[None]:
         """Count one request of ``protocol`` in flight while the block runs."""
         self.in_flight[protocol] += 1
-        self._idle.clear()
         try:
-            yield
+            with self._all.counted():
+                yield
         finally:
             self.in_flight[protocol] -= 1
-            if not any(self.in_flight.values()):
-                self._idle.set()
 
     async def forward(self, model: str, forwarding: Awaitable[T]) -> T:
         """``forwarding``'s result; ``ModelWentDown`` when ``model`` goes down before it comes."""
@@ -100,11 +101,7 @@ class Gate:
 
     async def drained(self, timeout_s: float) -> bool:
         """Whether every request in flight was answered within ``timeout_s``."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+        return await self._all.idle(timeout_s)
 
 
 def error(status: int, message: str) -> web.Response:
@@ -114,28 +111,27 @@ def error(status: int, message: str) -> web.Response:
 
 
 class Front:
-    def __init__(self, upstream: str, models: dict[str, ServedModel], health: Health, gate: Gate,
-                 max_body_bytes: int) -> None:
-        self.upstream = upstream
+    def __init__(self, models: dict[str, ServedModel], health: Health, gate: Gate, max_body_bytes: int) -> None:
         self.models = models
         self.health = health
         self.gate = gate
         self.max_body_bytes = max_body_bytes
-        self._runner: web.AppRunner | None = None
+        self._runners: list[web.AppRunner] = []
         self._session: aiohttp.ClientSession | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, metrics_port: int) -> None:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256), auto_decompress=False,
                                               timeout=aiohttp.ClientTimeout(total=UPSTREAM_TIMEOUT_S))
-        app = web.Application(client_max_size=self.max_body_bytes)
-        app.router.add_route("*", "/{path:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, reuse_address=True, backlog=1024).start()
+        for handler, listen_port in ((self._handle, port), (self._metrics, metrics_port)):
+            app = web.Application(client_max_size=self.max_body_bytes)
+            app.router.add_route("*", "/{path:.*}", handler)
+            self._runners.append(web.AppRunner(app, access_log=None, handle_signals=False))
+            await self._runners[-1].setup()
+            await web.TCPSite(self._runners[-1], host, listen_port, reuse_address=True, backlog=1024).start()
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for runner in self._runners:
+            await runner.cleanup()
         if self._session is not None:
             await self._session.close()
 
@@ -190,16 +186,23 @@ class Front:
         return (f"{got}: larger than {self.max_body_bytes} bytes (--max-request-bytes); split the batch into "
                 "several requests")
 
-    async def _forward(self, request: web.Request, body: bytes) -> web.Response:
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        """The metrics port: the current tritonserver's Prometheus endpoint (its counters start again at a
+        replacement, which Prometheus reads as a counter reset)."""
+        return await self._forward(request, await request.read(), metrics=True)
+
+    async def _forward(self, request: web.Request, body: bytes, metrics: bool = False) -> web.Response:
         assert self._session is not None
         headers = {k: request.headers[k] for k in REQUEST_HEADERS if k in request.headers}
         headers.setdefault("Accept-Encoding", "identity")  # aiohttp would ask for gzip: compressed answers
+        backend = self.health.backend
+        url = (backend.metrics if metrics else backend.http) + request.path_qs
         try:
-            async with self._session.request(request.method, self.upstream + request.path_qs, data=body or None,
-                                             headers=headers) as upstream:
-                data = await upstream.read()
-                return web.Response(status=upstream.status, body=data,
-                                    headers={k: upstream.headers[k] for k in RESPONSE_HEADERS if k in upstream.headers})
+            with backend.in_flight.counted():
+                async with self._session.request(request.method, url, data=body or None, headers=headers) as upstream:
+                    data = await upstream.read()
+                    return web.Response(status=upstream.status, body=data, headers={
+                        k: upstream.headers[k] for k in RESPONSE_HEADERS if k in upstream.headers})
         except TimeoutError:
             return error(504, f"tritonserver did not answer within {UPSTREAM_TIMEOUT_S:.0f} s")
         except aiohttp.ClientError as e:

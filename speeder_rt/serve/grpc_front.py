@@ -1,10 +1,11 @@
-"""The request front on the public gRPC port: tritonserver's gRPC endpoint listens on a private loopback port behind
-it, as its HTTP one does behind ``front``.
+"""The request front on the public gRPC port: the current tritonserver's gRPC endpoint (``Health.backend``) listens
+on a private loopback port behind it, as its HTTP one does behind ``front``.
 
 A generic handler (grpcio's asyncio server) takes every method of Triton's ``inference.GRPCInferenceService`` and
 forwards the raw request bytes to the same method of tritonserver, and tritonserver's raw answer (or its status and
-message) back: nothing is decoded to be re-encoded, the metadata (headers) go along, the client's deadline too. The
-front
+message) back: nothing is decoded to be re-encoded, the metadata (headers) go along, the client's deadline too. A
+call goes to the tritonserver current when it came, counted there (``Backend.in_flight``); a replaced tritonserver's
+channel is closed once it has answered its calls (``Health.on_switch``). The front
 
 * answers ``ServerReady`` / ``ModelReady`` itself from ``Health`` (ready when no model is down and no drain runs),
   as the HTTP front answers its readiness endpoints, and ``NOT_FOUND`` for a model that is not served;
@@ -20,6 +21,7 @@ model is not checked per message (tritonserver answers those).
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -28,6 +30,7 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 from tritonclient.grpc import service_pb2
 
+from speeder_rt.serve.backend import Backend
 from speeder_rt.serve.front import DOWN_ERRORS, DRAINING, UPSTREAM_TIMEOUT_S, WENT_DOWN, Gate, ModelWentDown
 from speeder_rt.serve.health import Health
 
@@ -51,15 +54,17 @@ def _forwarded(metadata: tuple[tuple[str, str | bytes], ...] | None) -> tuple[tu
 
 
 class GrpcFront:
-    """The gRPC server on the public port, forwarding to tritonserver's gRPC endpoint at ``upstream`` (see the module
+    """The gRPC server on the public port, forwarding to the current tritonserver's gRPC endpoint (see the module
     docstring)."""
 
-    def __init__(self, upstream: str, models: list[str], health: Health, gate: Gate, max_message_bytes: int) -> None:
+    def __init__(self, models: list[str], health: Health, gate: Gate, max_message_bytes: int) -> None:
         self.models = models
         self.health = health
         self.gate = gate
-        self._channel = aio.insecure_channel(upstream, options=[("grpc.max_receive_message_length", -1),
-                                                                ("grpc.max_send_message_length", -1)])
+        self._channels: dict[Backend, aio.Channel] = {}
+        self._unary: dict[tuple[Backend, str], Upstream] = {}  # (tritonserver, method path) -> its unary callable
+        self._closing: set[asyncio.Task] = set()
+        health.on_switch.append(self._switched)
         self._server = aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                            ("grpc.max_send_message_length", -1),
                                            ("grpc.so_reuseport", 0)])  # a port taken twice must fail, not share
@@ -72,17 +77,44 @@ class GrpcFront:
 
     async def close(self) -> None:
         await self._server.stop(grace=None)
-        await self._channel.close()
+        for task in self._closing:
+            task.cancel()
+        for channel in self._channels.values():
+            await channel.close()
+
+    def _channel(self, backend: Backend) -> aio.Channel:
+        if backend not in self._channels:
+            self._channels[backend] = aio.insecure_channel(backend.grpc, options=[
+                ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
+        return self._channels[backend]
+
+    def _switched(self, old: Backend, new: Backend) -> None:
+        """``Health``'s call at a switch: close the old tritonserver's channel once it has answered its calls."""
+        async def close_when_idle() -> None:
+            await old.in_flight.idle(float("inf"))
+            self._unary = {key: call for key, call in self._unary.items() if key[0] is not old}
+            channel = self._channels.pop(old, None)
+            if channel is not None:
+                await channel.close()
+
+        task = asyncio.ensure_future(close_when_idle())
+        self._closing.add(task)  # held: the loop keeps only weak references to tasks
+        task.add_done_callback(self._closing.discard)
+
+    def _unary_call(self, backend: Backend, path: str) -> Upstream:
+        if (backend, path) not in self._unary:
+            self._unary[backend, path] = self._channel(backend).unary_unary(path)
+        return self._unary[backend, path]
 
     def _handler(self, method: MethodDescriptor) -> grpc.RpcMethodHandler:
         path = METHOD_PREFIX + method.name
         if method.client_streaming and method.server_streaming:
-            upstream_stream = self._channel.stream_stream(path)
-
             async def stream(requests: AsyncIterator[bytes], context: aio.ServicerContext) -> AsyncIterator[bytes]:
                 await self._admit(method.name, context)
-                with self.gate.admitted("gRPC"):
-                    call = upstream_stream(requests, metadata=_forwarded(context.invocation_metadata()))
+                backend = self.health.backend
+                with self.gate.admitted("gRPC"), backend.in_flight.counted():
+                    call = self._channel(backend).stream_stream(path)(
+                        requests, metadata=_forwarded(context.invocation_metadata()))
                     try:
                         async for response in call:
                             yield response
@@ -92,14 +124,15 @@ class GrpcFront:
             return grpc.stream_stream_rpc_method_handler(stream)
         answers = {"ServerReady": self._server_ready, "ModelReady": self._model_ready, "ModelInfer": self._infer}
         answer = answers.get(method.name)
-        upstream_unary = self._channel.unary_unary(path)
 
         async def unary(request: bytes, context: aio.ServicerContext) -> bytes:
             await self._admit(method.name, context)
+            backend = self.health.backend
+            upstream = self._unary_call(backend, path)
             if answer is not None:
-                return await answer(request, context, upstream_unary)
-            with self.gate.admitted("gRPC"):
-                return await self._forward(upstream_unary, request, context)
+                return await answer(request, context, upstream, backend)
+            with self.gate.admitted("gRPC"), backend.in_flight.counted():
+                return await self._forward(upstream, request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary)
 
@@ -117,16 +150,18 @@ class GrpcFront:
             await context.abort(e.code(), e.details() or "")
         raise AssertionError("unreachable: context.abort raises")
 
-    async def _server_ready(self, request: bytes, context: aio.ServicerContext, _upstream: Upstream) -> bytes:
+    async def _server_ready(self, request: bytes, context: aio.ServicerContext, _upstream: Upstream,
+                            _backend: Backend) -> bytes:
         ready = not self.gate.draining and self.health.unavailable() is None
         return service_pb2.ServerReadyResponse(ready=ready).SerializeToString()
 
-    async def _model_ready(self, request: bytes, context: aio.ServicerContext, _upstream: Upstream) -> bytes:
+    async def _model_ready(self, request: bytes, context: aio.ServicerContext, _upstream: Upstream,
+                           _backend: Backend) -> bytes:
         name = await self._served_model(service_pb2.ModelReadyRequest.FromString(request).name, context)
         ready = not self.gate.draining and self.health.unavailable(name) is None
         return service_pb2.ModelReadyResponse(ready=ready).SerializeToString()
 
-    async def _infer(self, request: bytes, context: aio.ServicerContext, upstream: Upstream) -> bytes:
+    async def _infer(self, request: bytes, context: aio.ServicerContext, upstream: Upstream, backend: Backend) -> bytes:
         """tritonserver's answer, ``UNAVAILABLE`` naming the recovery for a model that is down or goes down."""
         try:
             model_name = service_pb2.ModelInferRequest.FromString(request).model_name
@@ -136,7 +171,7 @@ class GrpcFront:
         reason = self.health.unavailable(name)
         if reason:
             await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
-        with self.gate.admitted("gRPC"):
+        with self.gate.admitted("gRPC"), backend.in_flight.counted():
             try:
                 return await self.gate.forward(name, _call(upstream, request, context))
             except ModelWentDown:

@@ -1,11 +1,11 @@
 """Run Triton Inference Server (the ``tritonserver`` of the ``nvidia-pytriton`` wheel, launched by PyTriton) on a
 Python-backend model repository, keep it healthy, and stop it cleanly (``run``; docs/serving.md).
 
-tritonserver's HTTP and gRPC endpoints listen on private loopback ports behind the request fronts that own the
-public ports (``front`` for HTTP: limits, readiness, 503s; ``grpc_front`` for gRPC: readiness, UNAVAILABLE; both
-count the requests in flight in one ``front.Gate``); ``health`` watches the stub processes and reloads a model
-whose instance died through Triton's model-control API; SIGINT / SIGTERM drain the requests in flight
-(``_drain``) before the models are unloaded and tritonserver stops.
+tritonserver's HTTP, gRPC and metrics endpoints listen on private loopback ports (``backend``) behind the request
+fronts that own the public ports (``front`` for HTTP and metrics: limits, readiness, 503s; ``grpc_front`` for
+gRPC: readiness, UNAVAILABLE; both count the requests in flight in one ``front.Gate``); ``health`` watches the stub
+processes and recovers a model whose instance died by replacing tritonserver behind the fronts; SIGINT / SIGTERM
+drain the requests in flight (``_drain``) before the models are unloaded and tritonserver stops.
 
 Three traps of the wheel's Python backend stub are handled here, before the server starts:
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -156,12 +157,6 @@ class Resilience:
                              f"endpoint crashes on bodies of ~5 MB), got {self.max_request_bytes}")
 
 
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def _wait_first(*awaitables: Awaitable[object]) -> None:
     tasks = [asyncio.ensure_future(a) for a in awaitables]
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -169,20 +164,13 @@ async def _wait_first(*awaitables: Awaitable[object]) -> None:
         task.cancel()
 
 
-async def _until_dead(triton: object) -> None:
-    while triton.is_alive():  # type: ignore[attr-defined]
-        await asyncio.sleep(0.5)
-
-
 async def run(repository: Path, endpoints: Endpoints, resilience: Resilience, log: Callable[[str], None]) -> int:
     """Serve ``repository`` until SIGINT / SIGTERM (drain, then 0), a model that cannot be recovered (1) or the
-    death of tritonserver (1). tritonserver's HTTP and gRPC endpoints listen on private loopback ports behind the
-    fronts."""
-    from pytriton.triton import Triton, TritonConfig
-
+    death of tritonserver (1). tritonserver's endpoints listen on private loopback ports behind the fronts."""
+    from speeder_rt.serve.backend import BackendError, start_backend
     from speeder_rt.serve.front import Front, Gate
     from speeder_rt.serve.grpc_front import GrpcFront
-    from speeder_rt.serve.health import Health, tritonserver_pid
+    from speeder_rt.serve.health import Health
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -192,41 +180,32 @@ async def run(repository: Path, endpoints: Endpoints, resilience: Resilience, lo
     max_body = resilience.max_request_bytes or min(MAX_BODY_CEILING,
                                                    max(m.default_max_body_bytes() for m in models.values()))
     os.environ.update(stub_environment(dict(os.environ)))  # PyTriton passes its environment to tritonserver
-    private_http, private_grpc = free_loopback_port(), free_loopback_port()
-    config = TritonConfig(model_repository=repository, http_address="127.0.0.1", http_port=private_http,
-                          grpc_address="127.0.0.1", grpc_port=private_grpc,
-                          metrics_address=endpoints.host, metrics_port=endpoints.metrics_port,
-                          allow_gpu_metrics=False, exit_timeout_secs=5, strict_readiness=True)
-    triton = Triton(config=config)
-    health = front = grpc_front = None
+    access_token = secrets.token_urlsafe(32)  # one for every tritonserver this process starts (model control)
     try:
-        try:
-            await loop.run_in_executor(None, triton.run)  # starts tritonserver, waits until every model is ready
-        except Exception as e:  # noqa: BLE001 -- PyTriton's errors for a server that died or never got ready
-            log(f"speeder_rt.serve: tritonserver did not start ({type(e).__name__}: {e}); its log is above")
-            return 1
-        server_pid = tritonserver_pid()
-        if not triton.is_alive() or server_pid is None:
-            log("speeder_rt.serve: tritonserver exited while loading the models (its log is above)")
-            return 1
-        upstream = f"http://127.0.0.1:{private_http}"
-        health = Health(models, upstream, triton.get_access_token(), server_pid, resilience.max_recoveries, log)
+        backend = await start_backend(repository, access_token)
+    except BackendError as e:
+        log(f"speeder_rt.serve: tritonserver did not start ({e}); its log is above")
+        return 1
+    health = Health(models, backend, lambda: start_backend(repository, access_token), resilience.max_recoveries,
+                    access_token, log)
+    front = grpc_front = None
+    try:
         gate = Gate(list(models))
         health.on_down.append(gate.model_down)
-        front = Front(upstream, models, health, gate, max_body)
-        await front.start(endpoints.host, endpoints.http_port)
-        grpc_front = GrpcFront(f"127.0.0.1:{private_grpc}", list(models), health, gate, max_body)
+        front = Front(models, health, gate, max_body)
+        await front.start(endpoints.host, endpoints.http_port, endpoints.metrics_port)
+        grpc_front = GrpcFront(list(models), health, gate, max_body)
         await grpc_front.start(endpoints.host, endpoints.grpc_port)
         log("speeder_rt.serve: ready; models " + ", ".join(models) + "; "
             + ", ".join(f"{name} {url}" for name, url in endpoints.urls().items())
             + f"; requests up to {max_body} bytes")
         watcher = asyncio.ensure_future(health.watch())
-        await _wait_first(stop.wait(), health.failed_event.wait(), _until_dead(triton))
+        await _wait_first(stop.wait(), health.failed_event.wait(), health.until_backend_dies())
         watcher.cancel()
         if health.failed is not None:
             log(f"speeder_rt.serve: error: {health.failed}; exiting")
             return 1
-        if not triton.is_alive():
+        if not health.backend.alive():
             log("speeder_rt.serve: tritonserver exited unexpectedly (its log is above)")
             return 1
         return await _drain(gate, health, resilience.drain_timeout_s, log)
@@ -235,9 +214,9 @@ async def run(repository: Path, endpoints: Endpoints, resilience: Resilience, lo
             await front.close()
         if grpc_front is not None:
             await grpc_front.close()
-        if health is not None:
-            await health.close()
-        await loop.run_in_executor(None, triton.stop)
+        await health.close()
+        for running in {health.backend, backend, *health.retiring}:
+            await running.stop()
 
 
 def _in_flight(gate: Gate) -> str:

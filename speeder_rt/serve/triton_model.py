@@ -47,6 +47,23 @@ class TritonPythonModel:
         self.items_poll_s = float(params.get("items_poll_s", "1"))
         self._next_poll = time.monotonic() + self.items_poll_s
         self._refused = ""  # the last refused version's message (logged once)
+        self._warm_up(int(config.get("max_batch_size", 0)) or self.recommender.ranges.max_batch)
+
+    def _warm_up(self, max_batch: int) -> None:
+        """Answer one batch of the largest shape Triton can merge (``max_batch`` rows, the longest history, the
+        most candidates) before the first request: the engine's memory (ONNX Runtime's CPU arena) and the buffers of
+        this process reach their peak at load rather than under traffic (an RSS that grows after warm-up is then a
+        leak, not the first large batch)."""
+        ranges, items = self.recommender.ranges, self.recommender.num_items
+        rows = min(max_batch, ranges.max_batch)
+        shapes = {"history_ids": (rows, ranges.max_history), "history_mask": (rows, ranges.max_history),
+                  "candidate_ids": (rows, ranges.max_candidates)}
+        inputs = {name: (np.ones(shapes[name], bool) if name == "history_mask"
+                         else np.arange(np.prod(shapes[name]), dtype=np.int64).reshape(shapes[name]) % items)
+                  for name in INPUTS[self.graph]}
+        (result,) = answer(self.recommender, self.graph, [inputs])
+        if isinstance(result, Exception):
+            self.logger.log_error(f"{self.graph}: the warm-up batch of {rows} rows failed: {result}")
 
     def _poll_items(self) -> None:
         """Switch to the export's current item table if it is new (at most every ``items_poll_s``)."""

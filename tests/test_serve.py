@@ -36,6 +36,7 @@ from speeder_rt.export.format import Ranges  # noqa: E402
 from speeder_rt.runtime import Recommender, RequestError  # noqa: E402
 from speeder_rt.serve import __main__ as serve_cli  # noqa: E402
 from speeder_rt.serve.front import DRAINING  # noqa: E402
+from speeder_rt.serve.health import command_name  # noqa: E402
 from speeder_rt.serve.server import Endpoints, check_ports, write_repository  # noqa: E402
 
 N_ITEMS, RANGES, TOPK = 120, Ranges(max_batch=32, max_history=8, max_candidates=20), 5
@@ -212,13 +213,6 @@ def json_request(histories, candidates=None, **changes):
 def tritonserver_pids(srv):
     """The tritonserver processes of ``srv`` (two while a recovery replaces one)."""
     return [pid for pid in processes_naming(str(srv.workdir)) if command_name(pid) == "tritonserver"]
-
-
-def command_name(pid):
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 def stub_pids(srv, model):

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 POLL_S = 0.2  # how often the stubs are counted (a dead one is seen within this)
 RETIRE_TIMEOUT_S = 30.0  # the longest a replaced tritonserver gets to answer the requests it has
 STABLE_S = 10.0  # a recovered model that goes down again sooner counts as a failed recovery
-LOAD_TIMEOUT_S = 120.0  # one call of the model-control API
+CONTROL_TIMEOUT_S = 120.0  # one call of the model-control API (unload at the drain)
 ACCESS_HEADER = "triton-access-token"  # PyTriton restricts the model-control API to its generated token
 STUB_COMMAND = "triton_python_b"  # /proc/PID/comm of triton_python_backend_stub (cut to 15 characters)
 
@@ -129,7 +129,7 @@ class Health:
         self._start_backend = start_backend
         self._stopping = False
         self._headers = {ACCESS_HEADER: access_token}
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=LOAD_TIMEOUT_S))
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT_S))
         self._failures = 0  # failed recoveries since the last one that held
         self._recovered_at = float("-inf")
         self._causes: dict[str, str] = {}  # model -> why it went down (kept through its recovery)

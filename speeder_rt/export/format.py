@@ -52,6 +52,7 @@ PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "trt": ("tensorrt_plan"
 TRITON_MODEL_MODULE = "speeder_rt.serve.triton_model"
 
 
+NO_TOPK = "this artifact was exported without a top-k graph (--topk 0)"  # Runner.topk's error without one
 NO_QUERY = "this artifact was exported without a query graph (no ANN index: --index exact)"  # Runner.query's error
 ITEM_TOKENS = "item_tokens"  # the graphs' table input (not batched: the runner binds it, clients never send it)
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from speeder_rt.export.format import NO_QUERY
+from speeder_rt.export.format import NO_QUERY, NO_TOPK
 
 
 class ModuleRunner:
@@ -16,7 +16,7 @@ class ModuleRunner:
     such graph), each called with its inputs as tensors on ``device``, the item tokens (``set_item_tokens``: moved
     there once per table) last."""
 
-    no_topk = "this artifact was exported without a top-k graph (--topk 0)"  # the error of ``topk`` without one
+    no_topk = NO_TOPK  # the error of ``topk`` without one (TorchRunner names its own)
 
     def __init__(self, scores_graph: Callable[..., Any], topk_graph: Callable[..., Any] | None, topk_k: int,
                  device: str | torch.device, query_graph: Callable[..., Any] | None = None) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from speeder_rt.export.format import ITEM_TOKENS, NO_QUERY
+from speeder_rt.export.format import ITEM_TOKENS, NO_QUERY, NO_TOPK
 
 
 class OnnxRunner:
@@ -64,7 +64,7 @@ class OnnxRunner:
 
     def topk(self, history_ids: np.ndarray, history_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._topk is None:
-            raise ValueError("this artifact was exported without a top-k graph (--topk 0)")
+            raise ValueError(NO_TOPK)
         ids, scores = self._run(self._topk, history_ids=history_ids, history_mask=history_mask)
         return ids, scores
 

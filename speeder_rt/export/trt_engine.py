@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speeder_rt.export.format import NO_QUERY, Ranges
+from speeder_rt.export.format import NO_QUERY, NO_TOPK, Ranges
 
 INSTALL_HINT = ("TensorRT is not importable: on a CUDA machine run `pip install tensorrt` (NVIDIA's wheels, "
                 "from pypi.nvidia.com; TensorRT 10 or newer). The engines that work without it: onnx, aoti.")
@@ -133,7 +133,7 @@ class TrtRunner:
 
     def topk(self, history_ids: np.ndarray, history_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._topk is None:
-            raise ValueError("this artifact was exported without a top-k graph (--topk 0)")
+            raise ValueError(NO_TOPK)
         out = dict(zip(self._topk.outputs, self._topk(history_ids=history_ids, history_mask=history_mask)))
         return out["item_ids"], out["scores"]
 

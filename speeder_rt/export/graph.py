@@ -351,12 +351,14 @@ def check_parity(runner: Runner, model: SpeederModel, ranges: Ranges, atol: floa
         _compare(case, got, want, atol)
         case.top1_agreement = float((got.argmax(1) == want.argmax(1)).mean())
         report.scores.append(case)
+        if not (runner.topk_k or query):
+            continue
+        want_query = _reference_query(model, table, history, history_len)  # what top-k and the query graph share
         if runner.topk_k:
-            report.topk.append(_check_topk(runner, model, table, history, history_len, ids, mask, atol, shape))
+            report.topk.append(_check_topk(runner, model, table, want_query, ids, mask, atol, shape))
         if query:
-            want_query = _reference_query(model, table, history, history_len).double().cpu().numpy()
             case = ParityCase(candidates=want_query.shape[1], **shape)
-            _compare(case, runner.query(ids, mask), want_query, atol)
+            _compare(case, runner.query(ids, mask), want_query.double().cpu().numpy(), atol)
             report.query.append(case)
     return report
 
@@ -368,11 +370,12 @@ def _reference_query(model: SpeederModel, table: torch.Tensor, history: torch.Te
     return model.pred_state(embeds, lay).float()
 
 
-def _check_topk(runner: Runner, model: SpeederModel, table: torch.Tensor, history: torch.Tensor, history_len: torch.Tensor,
+def _check_topk(runner: Runner, model: SpeederModel, table: torch.Tensor, want_query: torch.Tensor,
                 ids: np.ndarray, mask: np.ndarray, atol: float, shape: dict[str, Any]) -> ParityCase:
-    """Top-k values against the reference's, and the reference's scores of the returned ids against the
-    returned scores (tie-robust: equal-score items may come back in either order)."""
-    full = (_reference_query(model, table, history, history_len) @ table.float().T).double().cpu().numpy()
+    """Top-k values against the reference's (``want_query``: the reference's query vectors, ``_reference_query``),
+    and the reference's scores of the returned ids against the returned scores (tie-robust: equal-score items may
+    come back in either order)."""
+    full = (want_query @ table.float().T).double().cpu().numpy()
     rows = np.arange(len(ids))[:, None]
     full[np.broadcast_to(rows, ids.shape)[mask], ids[mask]] = -np.inf
     k = runner.topk_k

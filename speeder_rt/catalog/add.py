@@ -49,8 +49,8 @@ from speeder_rt.data.item_table import FP16_MAX, ItemTable
 from speeder_rt.model.mome import MixtureOfModalityExperts
 from speeder_rt.model.pretrained import BACKBONE, ITEMS, WEIGHTS, model_config, read_model_config
 from speeder_rt.model.speeder import SpeederModel
-from speeder_rt.utils.io import atomic_dir
-from speeder_rt.utils.readers import check_finite, read_json, read_safetensors
+from speeder_rt.utils.io import atomic_dir, read_json
+from speeder_rt.utils.readers import check_finite, read_safetensors
 
 FIELDS = ("item", "title", "description", "features")
 RESUME_FILES = ("resume.json", "resume.safetensors")  # a trainer's state for the table it trained on: not copied

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from speeder_rt.utils.io import atomic_dir
-from speeder_rt.utils.readers import first_non_finite, read_json_fields, read_safetensors
+from speeder_rt.utils.io import atomic_dir, read_json_fields
+from speeder_rt.utils.readers import first_non_finite, read_safetensors
 
 FORMAT_VERSION = 1
 FP16_MAX = float(np.finfo(np.float16).max)

@@ -34,8 +34,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from speeder_rt.data.item_table import ItemTable
-from speeder_rt.utils.io import atomic_dir, write_json
-from speeder_rt.utils.readers import check_finite, read_json_fields, read_safetensors
+from speeder_rt.utils.io import atomic_dir, read_json_fields, write_json
+from speeder_rt.utils.readers import check_finite, read_safetensors
 
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, ITEMS, BACKBONE = "config.json", "model.safetensors", "items", "backbone"

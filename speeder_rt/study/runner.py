@@ -44,9 +44,9 @@ from speeder_rt.train.data import item_table, load_sequences
 from speeder_rt.train.kinds import SPEEDER, TEXT_BASELINE
 from speeder_rt.train.resume import has_resume_state
 from speeder_rt.train.trainer import Trainer
-from speeder_rt.utils.io import atomic_dir, write_json
+from speeder_rt.utils.io import atomic_dir, read_json, read_json_fields, write_json
 from speeder_rt.utils.progress import progress_bar
-from speeder_rt.utils.readers import differences, read_json, read_json_fields, read_safetensors
+from speeder_rt.utils.readers import differences, read_safetensors
 
 FORMAT_VERSION = 1
 TEXT_ITEM = "text_item"  # the row kind of the text-item baseline (``rows.all_rows``)

@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from speeder_rt.model.pretrained import FORMAT_VERSION, save_model_dir
-from speeder_rt.utils.io import write_json
-from speeder_rt.utils.readers import check_finite, read_json_fields, read_safetensors
+from speeder_rt.utils.io import read_json_fields, write_json
+from speeder_rt.utils.readers import check_finite, read_safetensors
 
 RESUME_JSON, RESUME_TENSORS = "resume.json", "resume.safetensors"
 

@@ -1,5 +1,5 @@
-"""Checked readers for the files the package loads: JSON (``read_json`` / ``read_json_fields``, defined in the
-torch-free ``utils.io``) and safetensors. Nothing here runs code from a file.
+"""Checked readers for the safetensors files the package loads (the JSON ones: ``utils.io.read_json`` /
+``read_json_fields``, torch-free). Nothing here runs code from a file.
 
 ``read_safetensors`` validates the whole header before touching the body, as the safetensors format
 defines it: an 8-byte little-endian header length, a JSON header mapping each tensor name to its dtype,
@@ -18,9 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from speeder_rt.utils.io import read_json as read_json  # re-exported: readers of both kinds in one place
-from speeder_rt.utils.io import read_json_fields as read_json_fields
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors reference implementation's limit
 # safetensors dtype -> (torch dtype, the numpy dtype the bytes are read as)

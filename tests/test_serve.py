@@ -421,6 +421,9 @@ def test_a_killed_stub_is_reloaded_and_a_model_that_cannot_be_reloaded_stops_the
     finally:
         left = server.stop()
     assert code == 1 and not left
+    # nothing left in /dev/shm either: the Python backend's regions are named by PyTriton "pytrtion<serve's PID>-..."
+    # and tritonserver leaves them when its exit timeout runs out on a dead stub's instance (backend.py removes them)
+    assert not list(Path("/dev/shm").glob(f"pytrtion{server.proc.pid}-*"))
     # a new tritonserver that exits while loading is a failed recovery at once, not at PyTriton's 120 s start timeout
     assert exited_after_s < 60, exited_after_s
     log = server.log()

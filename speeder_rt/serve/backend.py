@@ -28,6 +28,7 @@ from typing import Any
 from speeder_rt.serve.health import POLL_S, stubs_by_model, triton_error, tritonserver_pids
 
 EXIT_TIMEOUT_S = 5  # tritonserver's own wait for its models when it stops (--exit-timeout-secs)
+SHARED_MEMORY = "/dev/shm"  # where the Python backend keeps its shared-memory regions
 # tritonserver's log line for a model that did not load; its message escapes newlines (the traceback follows one)
 FAILED_LOAD = re.compile(r"(failed to load '[^']+' version \d+: .*?)(?:\\n|\"?$)", re.MULTILINE)
 
@@ -107,6 +108,18 @@ def free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _remove_shared_memory(triton: Any) -> None:
+    """Unlink what a stopped tritonserver left in ``/dev/shm``: its Python backend's shared-memory regions (4 MiB
+    each, named by the prefix PyTriton gave this server). tritonserver removes them when it exits cleanly, not when
+    its exit timeout runs out on an instance whose stub died (measured: one region per such recovery), and memory in
+    ``/dev/shm`` counts against no process's RSS. A stub still mapping one keeps it until it exits."""
+    config = getattr(triton, "_python_backend_config", None)  # PyTriton's; the prefix differs per server
+    prefix = config["shm-region-prefix-name"] if config is not None else None
+    for region in Path(SHARED_MEMORY).glob(f"{prefix}*") if prefix else ():
+        with contextlib.suppress(FileNotFoundError):
+            region.unlink()
 
 
 def _cause(triton: Any, error: BaseException) -> str:
@@ -191,6 +204,7 @@ class _Lifecycle:
         try:
             self._triton.stop()
         finally:
+            _remove_shared_memory(self._triton)
             self._notify(self.stopped, None)
 
     def _notify(self, future: asyncio.Future, value: object) -> None:
